@@ -1,0 +1,87 @@
+"""Bad input gets one line starting ``error:`` that names the field, exit code 2, no
+traceback, and nothing written."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from conftest import zhilu
+
+
+def assert_one_line_error(result, field: str) -> None:
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: {field}"), lines[0]
+    assert "Traceback" not in result.stderr
+
+
+CASES = {
+    "unknown key": (["--train.stepz", "5"], "train.stepz"),
+    "unknown section": (["--trainer.steps", "5"], "trainer"),
+    "wrong type": (["--steps", "ten"], "train.steps"),
+    "negative steps": (["--steps", "-1"], "train.steps"),
+    "bad bool": (["--model.compile", "maybe"], "model.compile"),
+    "unknown preset": (["--model", "gpt-9"], "model.preset"),
+    "unknown device": (["--device", "tpu"], "launch.device"),
+    "unknown flag": (["--stepps", "5"], "arguments"),
+    "degrees not the world size": (["--nproc", "2", "--plan", "dp=4"], "parallel.plan"),
+    "unknown plan key": (["--plan", "dq=2"], "parallel.plan"),
+    "zero stage": (["--plan", "zero=4"], "parallel.plan"),
+    "batch not divisible": (["--nproc", "2", "--plan", "dp=2,mb=2", "--global-batch", "6"], "train.global_batch"),
+    "missing data": (["--data", "/nonexistent/corpus.txt"], "data.path"),
+    "heads not dividing hidden": (["--model.n_heads", "5"], "model.n_heads"),
+    "sequence longer than the data": (["--data", "SMALL", "--seq-len", "256"], "train.seq_len"),
+    "cuda not there": (["--device", "cuda"], "launch.device"),
+}
+
+
+@pytest.mark.parametrize("args, field", CASES.values(), ids=CASES.keys())
+def test_bad_train_input(args: list[str], field: str, tmp_path: Path) -> None:
+    small = tmp_path / "small.txt"
+    small.write_text("tiny corpus " * 10)
+    args = [str(small) if a == "SMALL" else a for a in args]
+    out = tmp_path / "run"
+    result = zhilu("train", "--out", str(out), *args)
+    assert_one_line_error(result, field)
+    assert not out.exists()
+
+
+def test_empty_data(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_one_line_error(zhilu("train", "--data", str(empty), "--out", str(tmp_path / "run")), "data.path")
+
+
+def test_port_in_use(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = zhilu("train", "--nproc", "2", "--launch.port", str(port), "--out", str(tmp_path / "run"))
+    assert_one_line_error(result, "launch.port")
+
+
+def test_bad_config_file(tmp_path: Path) -> None:
+    bad = tmp_path / "job.toml"
+    bad.write_text("[train]\nsteps = 'many'\n")
+    assert_one_line_error(zhilu("train", str(bad)), "train.steps")
+    bad.write_text("[train\n")
+    assert_one_line_error(zhilu("train", str(bad)), "config")
+    assert_one_line_error(zhilu("train", str(tmp_path / "missing.toml")), "config")
+
+
+def test_existing_run_is_not_overwritten(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    assert_one_line_error(zhilu("train", "--out", str(out)), "run.out")
+    assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    assert_one_line_error(zhilu("train", "--out", str(tmp_path / "fresh"), "--resume"), "checkpoint.resume")
+
+
+def test_unknown_command() -> None:
+    assert_one_line_error(zhilu("trian"), "command")

@@ -1,0 +1,111 @@
+"""The ``zhilu`` command.
+
+    zhilu train [CONFIG.toml] [--model PRESET] [--nproc N] [--plan SPEC] [--section.key VALUE ...]
+
+Exit codes: 0 success, 2 the input is wrong (one ``error:`` line on stderr), 1 a bug or a crash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from zhilu.errors import ZhiluError
+
+# Shortcut flags of `zhilu train` and the config keys they set.
+TRAIN_FLAGS: dict[str, tuple[str, str]] = {
+    "--model": ("model.preset", "model preset: gpt-tiny, gpt2-124m, gpt-1.3b, llama-1b, llama3-8b, llama3-70b"),
+    "--data": ("data.path", "text file, folder of text files, or uint16 .bin tokens (default: the Python standard library)"),
+    "--nproc": ("launch.nproc", "local processes (default: 1 on CPU, one per GPU)"),
+    "--plan": ("parallel.plan", "parallel plan, e.g. dp=2,zero=3 (default: dp over all processes)"),
+    "--steps": ("train.steps", "optimizer steps"),
+    "--global-batch": ("train.global_batch", "sequences per step over all replicas"),
+    "--seq-len": ("train.seq_len", "tokens per sequence"),
+    "--seed": ("train.seed", "random seed"),
+    "--out": ("run.out", "run directory (default: runs/<preset>-<time>)"),
+    "--checkpoint-every": ("checkpoint.every", "save a checkpoint every N steps (always at the end)"),
+    "--max-restarts": ("launch.max_restarts", "restart after a crash up to K times, from the latest checkpoint"),
+    "--device": ("launch.device", "auto, cpu or cuda"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ZhiluError("arguments", f"{message}; see `{self.prog} --help`")
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="zhilu train",
+        description="Train a model. Every setting can also be given as --section.key VALUE "
+        "(sections: model, data, train, parallel, launch, checkpoint, run) or in CONFIG.toml.",
+    )
+    p.add_argument("config", nargs="?", help="TOML file with [section] tables")
+    for flag, (key, help_text) in TRAIN_FLAGS.items():
+        p.add_argument(flag, dest=key, metavar=key.split(".")[1].upper(), help=help_text)
+    p.add_argument("--resume", dest="checkpoint.resume", action="store_const", const="true",
+                   help="continue from the run directory's latest checkpoint")
+    p.add_argument("--compile", dest="model.compile", action="store_const", const="true", help="torch.compile the model")
+    return p
+
+
+def _split_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Separate ``--section.key VALUE`` / ``--section.key=VALUE`` from the other arguments."""
+    rest: list[str] = []
+    overrides: list[tuple[str, str]] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name = arg[2:].split("=", 1)[0]
+        if arg.startswith("--") and "." in name:
+            if "=" in arg:
+                overrides.append((name, arg.split("=", 1)[1]))
+            elif i + 1 < len(argv):
+                overrides.append((name, argv[i + 1]))
+                i += 1
+            else:
+                raise ZhiluError(name, f"needs a value: --{name} VALUE")
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides
+
+
+def train(argv: list[str]) -> int:
+    from zhilu.config import load_config
+    from zhilu.launch import TrainingFailed, launch, prepare
+
+    rest, overrides = _split_overrides(argv)
+    args = vars(_train_parser().parse_args(rest))
+    config_path = args.pop("config")
+    flags = [(key, value) for key, value in args.items() if value is not None]
+    cfg = load_config(config_path, flags + overrides)
+    resolved, plan, model_cfg = prepare(cfg)
+    try:
+        launch(resolved, plan, model_cfg)
+    except TrainingFailed as e:
+        print(f"zhilu train: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+COMMANDS = {"train": (train, "train a model with a parallel plan")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        lines = [f"  {name:<10} {help_text}" for name, (_, help_text) in COMMANDS.items()]
+        print("usage: zhilu COMMAND [ARGS]\n\ncommands:\n" + "\n".join(lines))
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    try:
+        if command not in COMMANDS:
+            raise ZhiluError("command", f"unknown command {command!r}; valid: {', '.join(COMMANDS)}")
+        return COMMANDS[command][0](rest)
+    except ZhiluError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,1 @@
+"""Training data: corpus sources (:mod:`.corpus`) and the sharded, resumable loader (:mod:`.loader`)."""

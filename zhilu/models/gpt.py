@@ -1,0 +1,250 @@
+"""Llama-style decoder: RMSNorm, rotary positions, grouped-query attention, SwiGLU.
+
+Module names follow torchtitan (``tok_embeddings``, ``layers.<i>.attention.wq``, ...) so that
+``zhilu.parallel`` can shard the model by name from :attr:`GPT.TP_PLAN` and split it into
+pipeline stages at :meth:`GPT.pipeline_units`. A pipeline stage is a ``GPT`` whose
+``tok_embeddings``, ``norm`` or ``output`` are set to ``None`` and whose ``layers`` hold only
+its own blocks. This file imports no parallel code.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from zhilu.models.presets import GPTConfig
+
+INIT_STD = 0.02
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate ``x`` [b, t, heads, head_dim] by position (``cos``/``sin``: [t, head_dim/2]).
+
+    Pairs are the two halves of each head, (x[i], x[i + head_dim/2]), as in GPT-NeoX and
+    Hugging Face Llama. The rotation is done in fp32 and cast back to ``x.dtype``.
+    """
+    x1, x2 = x.float().chunk(2, dim=-1)
+    cos, sin = cos[:, None, :].float(), sin[:, None, :].float()
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
+
+
+class Attention(nn.Module):
+    """Causal self-attention with rotary positions and grouped-query attention.
+
+    The number of heads is read from the projection outputs at run time, so the module also
+    works when ``wq``/``wk``/``wv`` are sharded column-wise (and ``wo`` row-wise) across ranks.
+    """
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        kv_width = cfg.kv_heads * cfg.head_dim
+        self.wq = nn.Linear(cfg.hidden, cfg.hidden, bias=False)
+        self.wk = nn.Linear(cfg.hidden, kv_width, bias=False)
+        self.wv = nn.Linear(cfg.hidden, kv_width, bias=False)
+        self.wo = nn.Linear(cfg.hidden, cfg.hidden, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        b, t, _ = x.shape
+        q = self.wq(x).view(b, t, -1, self.head_dim)
+        k = self.wk(x).view(b, t, -1, self.head_dim)
+        v = self.wv(x).view(b, t, -1, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.size(1) != q.size(1))
+        return self.wo(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU MLP: ``w2(silu(w1 x) * w3 x)``."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(cfg.hidden, cfg.ffn_hidden, bias=False)
+        self.w2 = nn.Linear(cfg.ffn_hidden, cfg.hidden, bias=False)
+        self.w3 = nn.Linear(cfg.hidden, cfg.ffn_hidden, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: attention, then feed-forward."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.attention_norm = nn.RMSNorm(cfg.hidden, eps=cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = nn.RMSNorm(cfg.hidden, eps=cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+    def init_weights(self, residual_std: float) -> None:
+        """Normal(0, 0.02) projections, ``residual_std`` for the ones that write the residual."""
+        for linear in (self.attention.wq, self.attention.wk, self.attention.wv,
+                       self.feed_forward.w1, self.feed_forward.w3):
+            nn.init.normal_(linear.weight, std=INIT_STD)
+        for linear in (self.attention.wo, self.feed_forward.w2):
+            nn.init.normal_(linear.weight, std=residual_std)
+        self.attention_norm.reset_parameters()
+        self.ffn_norm.reset_parameters()
+
+
+class GPT(nn.Module):
+    """Decoder-only transformer built from a :class:`GPTConfig`.
+
+    Parameters are always created on the ``meta`` device and initialised once by
+    :meth:`init_weights`, so the random stream depends on ``init_weights`` alone:
+    ``GPT(cfg)`` on a real device (the current default device) is materialised and
+    initialised right away, while under ``with torch.device("meta")`` it stays empty until
+    ``to_empty(device=...)`` and ``init_weights()``. Both give the same parameters for the
+    same ``torch.manual_seed``.
+    """
+
+    #: Tensor-parallel style of each projection, by name relative to a block (``layers.<i>``).
+    TP_PLAN: ClassVar[dict[str, str]] = {
+        "attention.wq": "colwise",
+        "attention.wk": "colwise",
+        "attention.wv": "colwise",
+        "attention.wo": "rowwise",
+        "feed_forward.w1": "colwise",
+        "feed_forward.w3": "colwise",
+        "feed_forward.w2": "rowwise",
+    }
+
+    rope_cos: Tensor
+    rope_sin: Tensor
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        device = torch.get_default_device()
+        with torch.device("meta"):
+            self.tok_embeddings: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.hidden)
+            self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
+            self.norm: nn.RMSNorm | None = nn.RMSNorm(cfg.hidden, eps=cfg.norm_eps)
+            self.output: nn.Linear | None = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
+            if cfg.tie_embeddings:
+                self.output.weight = self.tok_embeddings.weight
+            rope_shape = (cfg.max_seq_len, cfg.head_dim // 2)
+            self.register_buffer("rope_cos", torch.empty(rope_shape), persistent=False)
+            self.register_buffer("rope_sin", torch.empty(rope_shape), persistent=False)
+        if device.type != "meta":
+            self.to_empty(device=device)
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Fill the rotary tables and draw every parameter from torch's default generator.
+
+        Embedding and projections: normal(0, 0.02); ``wo`` and ``w2``, which add to the
+        residual stream: normal(0, 0.02 / sqrt(2 * n_layers)); RMSNorm weights: 1. Also
+        re-ties ``output.weight`` to ``tok_embeddings.weight`` (``to_empty`` unties them).
+        """
+        cfg = self.cfg
+        inv_freq = 1.0 / cfg.rope_theta ** (
+            torch.arange(0, cfg.head_dim, 2, device=self.rope_cos.device, dtype=torch.float32) / cfg.head_dim
+        )
+        angles = torch.outer(torch.arange(cfg.max_seq_len, device=inv_freq.device, dtype=torch.float32), inv_freq)
+        self.rope_cos.copy_(angles.cos())
+        self.rope_sin.copy_(angles.sin())
+
+        tied = cfg.tie_embeddings and self.tok_embeddings is not None and self.output is not None
+        if tied:
+            self.output.weight = self.tok_embeddings.weight
+        if self.tok_embeddings is not None:
+            nn.init.normal_(self.tok_embeddings.weight, std=INIT_STD)
+        residual_std = INIT_STD / math.sqrt(2 * cfg.n_layers)
+        for block in self.layers.values():
+            block.init_weights(residual_std)
+        if self.norm is not None:
+            self.norm.reset_parameters()
+        if self.output is not None and not tied:
+            nn.init.normal_(self.output.weight, std=INIT_STD)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """Token ids [b, t] -> logits [b, t, vocab].
+
+        In a pipeline stage without ``tok_embeddings`` the input is hidden states
+        [b, t, hidden]; without ``norm``/``output`` the hidden states are returned.
+        """
+        t = tokens.size(1)
+        if t > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {t} tokens is longer than max_seq_len={self.cfg.max_seq_len}")
+        cos, sin = self.rope_cos[:t], self.rope_sin[:t]
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        for layer in self.layers.values():
+            h = layer(h, cos, sin)
+        h = self.norm(h) if self.norm is not None else h
+        return self.output(h) if self.output is not None else h
+
+    @property
+    def num_params(self) -> int:
+        """Number of parameters, each shared (tied) tensor counted once."""
+        return sum(p.numel() for p in self.parameters())
+
+    def pipeline_units(self) -> list[str]:
+        """Module names, in order, between which a pipeline may place stage boundaries."""
+        return ["tok_embeddings", *(f"layers.{i}" for i in range(self.cfg.n_layers)), "norm", "output"]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.8,
+        top_k: int | None = 40,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Append ``max_new_tokens`` sampled tokens to ``prompt`` [1, t] and return [1, t + new].
+
+        The context is cropped to the last ``max_seq_len`` tokens (no KV cache).
+        ``temperature=0`` picks the most likely token; otherwise sampling is from the
+        ``top_k`` most likely tokens (all tokens when ``top_k`` is None) at that temperature,
+        drawing from ``generator`` (on the model's device) when given.
+        """
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        tokens = prompt
+        for _ in range(max_new_tokens):
+            logits = self(tokens[:, -self.cfg.max_seq_len:])[:, -1, :].float()
+            if temperature == 0:
+                next_token = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None and top_k < logits.size(-1):
+                    kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                next_token = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+            tokens = torch.cat((tokens, next_token), dim=1)
+        return tokens
+
+
+def loss_fn(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean next-token cross-entropy over all positions, computed in fp32."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))
+
+
+def build_model(cfg: GPTConfig, device: str | torch.device = "cpu", seed: int = 0) -> GPT:
+    """Build ``cfg`` on the meta device, materialise it on ``device`` and initialise it.
+
+    Seeds torch's default generators with ``torch.manual_seed(seed)`` (a global side effect)
+    right before :meth:`GPT.init_weights`. Contract: the same ``cfg`` and ``seed`` give
+    bit-identical parameters on every rank and every process that builds on the same device
+    type; every CPU build equals ``torch.manual_seed(seed); GPT(cfg)`` on CPU. Other device
+    types (e.g. CUDA) draw from their own generator, so their values differ from the CPU build.
+    """
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model.to_empty(device=device)
+    torch.manual_seed(seed)
+    model.init_weights()
+    return model

@@ -1,0 +1,1 @@
+"""Watching a run: step timing, MFU, progress and metrics files."""

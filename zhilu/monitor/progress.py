@@ -1,0 +1,48 @@
+"""What rank 0 shows while training: a rich progress bar on a terminal, log lines otherwise."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+
+class TrainProgress:
+    def __init__(self, total_steps: int, start_step: int, enabled: bool) -> None:
+        self.console = Console(highlight=False)
+        self.enabled = enabled
+        self._bar: Progress | None = None
+        if enabled and self.console.is_terminal:
+            self._bar = Progress(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[stats]}"),
+                TimeRemainingColumn(),
+                console=self.console,
+            )
+            self._task = self._bar.add_task("train", total=total_steps, completed=start_step, stats="")
+            self._bar.start()
+
+    def print(self, *objects: Any, markup: bool = True) -> None:
+        if self.enabled:
+            self.console.print(*objects, markup=markup)
+
+    def update(self, step: int, record: dict[str, Any]) -> None:
+        """Show a logged step (``record`` is the metrics.jsonl line)."""
+        if not self.enabled:
+            return
+        stats = (f"loss {record['loss']:.4f}  {record['tokens_per_s']:,.0f} tok/s  "
+                 f"MFU {100 * record['mfu']:.1f}%  {record['step_time_s'] * 1e3:.0f} ms/step")
+        if "val_loss" in record:
+            stats += f"  val {record['val_loss']:.4f}"
+        if self._bar is not None:
+            self._bar.update(self._task, completed=step, stats=stats)
+        else:
+            self.console.print(f"step {step:>6}  {stats}")
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None

@@ -1,0 +1,70 @@
+"""Data parallelism: DDP replicas (zero=0) or ZeRO stages 1-3 through FSDP2 ``fully_shard``.
+
+ZeRO stages map onto FSDP2 as follows (optimizer states are sharded in every stage, since
+the optimizer steps on the local shards):
+
+* zero=1: parameters all-gathered once per step and kept through backward; during gradient
+  accumulation the full gradients stay local and are reduce-scattered only after the last
+  micro-batch.
+* zero=2: as zero=1, but gradients are reduce-scattered after every micro-batch, so only
+  sharded gradients are held.
+* zero=3: parameters are resharded after forward and all-gathered again in backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+from zhilu.parallel.mesh import ParallelEnv
+from zhilu.plan import Plan
+
+
+def apply_data_parallel(model: nn.Module, plan: Plan, env: ParallelEnv) -> nn.Module:
+    """Wrap ``model`` for the plan's dp axis; a no-op when dp == 1."""
+    if plan.dp == 1:
+        return model
+    if plan.zero == 0:
+        device_ids = [env.device.index] if env.device.type == "cuda" else None
+        # The model's only buffers are the rotary tables, identical on every rank: no broadcast.
+        no_buffer_sync = (
+            {"forward_sync_buffers": False}
+            if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+            else {"broadcast_buffers": False}
+        )
+        return DistributedDataParallel(model, device_ids=device_ids, process_group=env.dp_group, **no_buffer_sync)
+    mesh = env.mesh["dp"]  # type: ignore[index]
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if env.device.type == "cuda" else MixedPrecisionPolicy()
+    reshard = plan.zero == 3
+    for block in model.layers.values():  # type: ignore[union-attr]
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
+    return model
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, plan: Plan, last_micro_batch: bool) -> Iterator[None]:
+    """Context for one micro-batch's backward: defer gradient reduction until the last one
+    where the plan allows it (DDP ``no_sync``; FSDP2 zero=1 keeps full gradients locally)."""
+    if isinstance(model, DistributedDataParallel) and not last_micro_batch:
+        with model.no_sync():
+            yield
+        return
+    if isinstance(model, FSDPModule) and plan.zero == 1:
+        model.set_requires_gradient_sync(last_micro_batch)
+        model.set_reshard_after_backward(last_micro_batch)
+    yield
+
+
+def reshard(model: nn.Module) -> None:
+    """Free parameters that a forward without backward (evaluation, sampling) left all-gathered
+    under zero=1/2, so that the model's parameters are the optimizer's shards again."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()

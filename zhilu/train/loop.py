@@ -1,0 +1,290 @@
+"""The training loop that every rank runs.
+
+    zhilu train                                   # gpt-tiny on the Python standard library
+    zhilu train --nproc 2 --plan dp=2,zero=3      # two local processes, ZeRO-3
+    torchrun --nproc-per-node 2 -m zhilu train    # the same under torchrun
+
+Order of construction, fixed: process group and mesh -> model on its device (same seed on
+every rank) -> torch.compile per block -> data parallelism (DDP or FSDP2) -> optimizer ->
+checkpoint restore. Losses are the mean over the global batch, so every plan reports what
+one process with the same global batch would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from zhilu.config import JobConfig
+from zhilu.data.corpus import load_corpus
+from zhilu.data.loader import ShardedLoader, eval_batches
+from zhilu.models.gpt import GPT, build_model, loss_fn
+from zhilu.models.presets import GPTConfig
+from zhilu.monitor.mfu import measure_matmul_flops
+from zhilu.monitor.progress import TrainProgress
+from zhilu.parallel.data_parallel import apply_data_parallel, gradient_sync, reshard
+from zhilu.parallel.mesh import ParallelEnv, init_parallel, shutdown_parallel
+from zhilu.plan import Plan
+from zhilu.train.checkpoint import Checkpointer
+from zhilu.train.optim import build_optimizer, lr_at, set_lr
+
+
+def run(cfg: JobConfig, plan: Plan, model_cfg: GPTConfig) -> dict[str, Any] | None:
+    """Entry point of one rank (also the torch elastic entry point). Rank 0 returns the summary."""
+    env = init_parallel(plan, cfg.launch.device)
+    try:
+        return Trainer(cfg, plan, model_cfg, env).fit()
+    finally:
+        shutdown_parallel()
+
+
+class Trainer:
+    def __init__(self, cfg: JobConfig, plan: Plan, model_cfg: GPTConfig, env: ParallelEnv) -> None:
+        self.cfg, self.plan, self.model_cfg, self.env = cfg, plan, model_cfg, env
+        t = cfg.train
+        self.run_dir = Path(cfg.run.out)
+        self.device = env.device
+        self.autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
+        )
+        corpus = load_corpus(cfg.data.path or None, cfg.data.val_fraction)
+        self.byte_level = corpus.vocab_size <= 256
+        dp_rank = env.dp_rank
+        self.loader = ShardedLoader(corpus.train, t.seq_len, t.global_batch, dp_rank, plan.dp, t.seed)
+        self.val_batches = eval_batches(
+            corpus.val, t.seq_len, t.eval_batches, t.global_batch, dp_rank, plan.dp, seed=t.seed
+        )
+        self.prompt = torch.tensor(corpus.val[:16].astype("int64"))[None]
+
+        model = build_model(model_cfg, self.device, seed=t.seed)
+        if cfg.model.compile:
+            for block in model.layers.values():
+                block.compile()
+        self.model = apply_data_parallel(model, plan, env)
+        self.optimizer = build_optimizer(self.model, t, self.device.type)
+        self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep, env.is_main)
+        self.step = 0
+        self.restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+        latest = self.checkpointer.latest()
+        if latest is not None and (cfg.checkpoint.resume or self.restarts > 0):
+            state = self.checkpointer.load(latest, self.model, self.optimizer)
+            self.step = state["step"]
+            self.loader.load_state_dict(state["loader"])
+        self.tokens_per_step = t.global_batch * t.seq_len
+        self.flops_per_step = model_cfg.flops_per_token(t.seq_len) * self.tokens_per_step
+        self.peak_flops = self._peak_flops()
+
+    # -- one optimizer step ---------------------------------------------------------------
+    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Forward, backward and update on this rank's share of one global batch.
+
+        Returns this rank's mean loss (detached, not yet averaged over ranks)."""
+        set_lr(self.optimizer, lr_at(self.step, self.cfg.train))
+        mb = self.plan.mb
+        total = torch.zeros((), device=self.device)
+        for i, (x, y) in enumerate(zip(inputs.chunk(mb), targets.chunk(mb))):
+            with gradient_sync(self.model, self.plan, last_micro_batch=i == mb - 1):
+                with self.autocast:
+                    loss = loss_fn(self.model(x), y) / mb
+                loss.backward()
+            total += loss.detach()
+        if self.cfg.train.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return total
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.loader.next_batch()
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    # -- the whole run ----------------------------------------------------------------------
+    def fit(self) -> dict[str, Any] | None:
+        t, env = self.cfg.train, self.env
+        progress = TrainProgress(t.steps, self.step, enabled=env.is_main)
+        metrics = _MetricsFile(self.run_dir / "metrics.jsonl", self.step) if env.is_main else None
+        progress.print(
+            f"[bold]zhilu[/] {self.cfg.model.preset} ({self.model_cfg.num_params() / 1e6:.1f}M params) "
+            f"plan {self.plan.describe()} on {env.world_size} x {self.device.type}, "
+            f"{t.global_batch} x {t.seq_len} tokens/step" + (f", resumed at step {self.step}" if self.step else "")
+        )
+        wall_start = time.perf_counter()
+        step_times: list[float] = []
+        last_loss = float("nan")
+        val_loss: float | None = None
+        interval_start, interval_steps = time.perf_counter(), 0
+        # Fault injection for testing resume and restarts: crash once, on the first attempt.
+        fail_at = int(os.environ.get("ZHILU_FAIL_AT_STEP", 0)) if self.restarts == 0 else 0
+        while self.step < t.steps:
+            if self.step == fail_at > 0:
+                raise RuntimeError(f"ZHILU_FAIL_AT_STEP={fail_at}: simulated crash")
+            x, y = self.next_batch()
+            loss = self.train_step(x, y)
+            interval_steps += 1
+            step = self.step
+            evaluate = step == t.steps or step == 1 or (t.eval_every > 0 and step % t.eval_every == 0)
+            if evaluate or step % t.log_every == 0:
+                last_loss = self._mean_over_dp(loss)
+                _sync(self.device)
+                step_time = (time.perf_counter() - interval_start) / interval_steps
+                step_times.extend([step_time] * interval_steps)
+                record = self._record(step, last_loss, step_time)
+                if evaluate:
+                    val_loss = record["val_loss"] = self.evaluate()
+                if metrics is not None:
+                    metrics.write(record)
+                progress.update(step, record)
+                interval_start, interval_steps = time.perf_counter(), 0
+            if step == t.steps or (self.cfg.checkpoint.every > 0 and step % self.cfg.checkpoint.every == 0):
+                self.save()
+                interval_start = time.perf_counter()
+        progress.close()
+        sample = self.sample(t.sample_tokens) if t.sample_tokens else None
+        if not env.is_main:
+            return None
+        measured = statistics.median(step_times[1:] or step_times) if step_times else None
+        summary = {
+            "plan": self.plan.to_dict(),
+            "world_size": env.world_size,
+            "device": self.device.type,
+            "model": self.cfg.model.preset,
+            "params": self.model_cfg.num_params(),
+            "steps": t.steps,
+            "predicted_step_time_s": None,
+            "measured_step_time_s": measured,
+            "tokens_per_s": self.tokens_per_step / measured if measured else None,
+            "mfu": self.flops_per_step / measured / self.peak_flops if measured else None,
+            "final_loss": last_loss,
+            "final_val_loss": val_loss,
+            "wall_s": time.perf_counter() - wall_start,
+            "restarts": self.restarts,
+            "sample": sample,
+        }
+        _write_json(self.run_dir / "summary.json", summary)
+        _print_summary(progress, summary, self.run_dir)
+        return summary
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        total = torch.zeros((), device=self.device)
+        for x, y in self.val_batches:
+            with self.autocast:
+                total += loss_fn(self.model(x.to(self.device)), y.to(self.device))
+        self.model.train()
+        reshard(self.model)
+        return self._mean_over_dp(total / len(self.val_batches))
+
+    @torch.no_grad()
+    def sample(self, n_tokens: int) -> str | None:
+        """Text generated from the start of the validation data (every rank takes part; rank 0 keeps it)."""
+        model = self.model.module if isinstance(self.model, nn.parallel.DistributedDataParallel) else self.model
+        assert isinstance(model, GPT)
+        generator = torch.Generator(self.device).manual_seed(self.cfg.train.seed)
+        model.eval()
+        with self.autocast:
+            out = model.generate(self.prompt.to(self.device), n_tokens, generator=generator)
+        model.train()
+        reshard(model)
+        tokens = out[0].tolist()
+        return bytes(tokens).decode("utf-8", errors="replace") if self.byte_level else " ".join(map(str, tokens))
+
+    def save(self) -> None:
+        state = {"step": self.step, "loader": self.loader.state_dict(), "plan": self.plan.to_dict()}
+        self.checkpointer.save(self.step, self.model, self.optimizer, state)
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _mean_over_dp(self, value: torch.Tensor) -> float:
+        if self.env.dp_group is not None:
+            value = value.clone()
+            dist.all_reduce(value, group=self.env.dp_group)
+            value /= self.plan.dp
+        return value.item()
+
+    def _record(self, step: int, loss: float, step_time: float) -> dict[str, Any]:
+        tokens_per_s = self.tokens_per_step / step_time
+        return {
+            "step": step,
+            "loss": loss,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "step_time_s": step_time,
+            "tokens_per_s": tokens_per_s,
+            "mfu": self.flops_per_step / step_time / self.peak_flops,
+            "mem_gib": _peak_memory_gib(self.device),
+        }
+
+    def _peak_flops(self) -> float:
+        """Matmul FLOP/s of all ranks together, measured now (all ranks at once, as they train)."""
+        if dist.is_initialized():
+            dist.barrier()
+        if self.device.type == "cuda":
+            rate = measure_matmul_flops(self.device, torch.bfloat16, size=4096, seconds=0.5)
+        else:
+            rate = measure_matmul_flops(self.device, torch.float32, size=1024, seconds=0.3)
+        value = torch.tensor(rate, dtype=torch.float64)
+        if dist.is_initialized() and self.device.type == "cpu":
+            dist.all_reduce(value)
+        elif dist.is_initialized():
+            value *= self.env.world_size
+        return value.item()
+
+
+class _MetricsFile:
+    """metrics.jsonl, one line per logged step; on resume, lines past the resumed step are dropped."""
+
+    def __init__(self, path: Path, start_step: int) -> None:
+        kept = []
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= start_step]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+        self._file = open(path, "a", buffering=1)
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+
+
+def _print_summary(progress: TrainProgress, s: dict[str, Any], run_dir: Path) -> None:
+    plan = Plan(**s["plan"]).describe()
+    lines = [
+        f"[bold]plan[/]        {plan} on {s['world_size']} x {s['device']}",
+        f"[bold]throughput[/]  {s['tokens_per_s']:,.0f} tokens/s, {s['measured_step_time_s'] * 1e3:.0f} ms/step, "
+        f"MFU {100 * s['mfu']:.1f}%",
+        f"[bold]loss[/]        train {s['final_loss']:.4f}, validation {s['final_val_loss']:.4f}",
+    ]
+    lines.append(f"[bold]run[/]         {run_dir}")
+    for line in lines:
+        progress.print(line)
+    if s["sample"] is not None:
+        progress.print("[bold]sample[/]")
+        progress.print(s["sample"], markup=False)
+
+
+def _peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
