@@ -29,6 +29,11 @@ class TrainProgress:
         if self.enabled:
             self.console.print(*objects, markup=markup)
 
+    def advance(self, step: int) -> None:
+        """Move the bar to ``step`` (cheap: rich redraws at most a few times a second)."""
+        if self._bar is not None:
+            self._bar.update(self._task, completed=step)
+
     def update(self, step: int, record: dict[str, Any]) -> None:
         """Show a logged step (``record`` is the metrics.jsonl line)."""
         if not self.enabled:

@@ -133,6 +133,7 @@ class Trainer:
             loss = self.train_step(x, y)
             interval_steps += 1
             step = self.step
+            progress.advance(step)
             evaluate = step == t.steps or step == 1 or (t.eval_every > 0 and step % t.eval_every == 0)
             if evaluate or step % t.log_every == 0:
                 last_loss = self._mean_over_dp(loss)
