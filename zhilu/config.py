@@ -63,6 +63,7 @@ class TrainSection:
 @dataclass
 class ParallelSection:
     plan: str = ""  # e.g. "dp=2,zero=3"; "" = data parallel over all processes
+    average_optimizer_state: bool = False  # with avg_every: average AdamW's moments too
 
 
 @dataclass

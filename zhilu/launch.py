@@ -62,6 +62,7 @@ def prepare(cfg: JobConfig) -> tuple[JobConfig, Plan, GPTConfig]:
     model_cfg = replace(model_cfg, max_seq_len=max(model_cfg.max_seq_len, seq_len))
 
     plan = Plan.parse(cfg.parallel.plan, world)
+    plan.check_model(model_cfg)
     plan.check_batch(cfg.train.global_batch)
 
     corpus = load_corpus(cfg.data.path or None, cfg.data.val_fraction)

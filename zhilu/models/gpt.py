@@ -10,6 +10,7 @@ its own blocks. This file imports no parallel code.
 from __future__ import annotations
 
 import math
+import zlib
 from typing import ClassVar
 
 import torch
@@ -50,6 +51,7 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         b, t, _ = x.shape
+        cos, sin = cos[:t], sin[:t]
         q = self.wq(x).view(b, t, -1, self.head_dim)
         k = self.wk(x).view(b, t, -1, self.head_dim)
         v = self.wv(x).view(b, t, -1, self.head_dim)
@@ -86,26 +88,14 @@ class Block(nn.Module):
         h = x + self.attention(self.attention_norm(x), cos, sin)
         return h + self.feed_forward(self.ffn_norm(h))
 
-    def init_weights(self, residual_std: float) -> None:
-        """Normal(0, 0.02) projections, ``residual_std`` for the ones that write the residual."""
-        for linear in (self.attention.wq, self.attention.wk, self.attention.wv,
-                       self.feed_forward.w1, self.feed_forward.w3):
-            nn.init.normal_(linear.weight, std=INIT_STD)
-        for linear in (self.attention.wo, self.feed_forward.w2):
-            nn.init.normal_(linear.weight, std=residual_std)
-        self.attention_norm.reset_parameters()
-        self.ffn_norm.reset_parameters()
-
 
 class GPT(nn.Module):
     """Decoder-only transformer built from a :class:`GPTConfig`.
 
-    Parameters are always created on the ``meta`` device and initialised once by
-    :meth:`init_weights`, so the random stream depends on ``init_weights`` alone:
-    ``GPT(cfg)`` on a real device (the current default device) is materialised and
-    initialised right away, while under ``with torch.device("meta")`` it stays empty until
-    ``to_empty(device=...)`` and ``init_weights()``. Both give the same parameters for the
-    same ``torch.manual_seed``.
+    Parameters are always created on the ``meta`` device and filled by
+    :meth:`init_weights`: ``GPT(cfg)`` on a real device (the current default device) is
+    initialised right away with seed 0, while under ``with torch.device("meta")`` it stays
+    empty until ``to_empty(device=...)`` and ``init_weights(seed)``.
     """
 
     #: Tensor-parallel style of each projection, by name relative to a block (``layers.<i>``).
@@ -142,11 +132,14 @@ class GPT(nn.Module):
             self.init_weights()
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """Fill the rotary tables and draw every parameter from torch's default generator.
+    def init_weights(self, seed: int = 0) -> None:
+        """Fill the rotary tables and every parameter.
 
         Embedding and projections: normal(0, 0.02); ``wo`` and ``w2``, which add to the
-        residual stream: normal(0, 0.02 / sqrt(2 * n_layers)); RMSNorm weights: 1. Also
+        residual stream: normal(0, 0.02 / sqrt(2 * n_layers)); RMSNorm weights: 1. Each
+        parameter is drawn on the CPU from its own generator, seeded by ``seed`` and the
+        parameter's name, so its value depends on nothing else: a pipeline stage that holds
+        only some layers, on any device, gets exactly those layers of the whole model. Also
         re-ties ``output.weight`` to ``tok_embeddings.weight`` (``to_empty`` unties them).
         """
         cfg = self.cfg
@@ -157,18 +150,16 @@ class GPT(nn.Module):
         self.rope_cos.copy_(angles.cos())
         self.rope_sin.copy_(angles.sin())
 
-        tied = cfg.tie_embeddings and self.tok_embeddings is not None and self.output is not None
-        if tied:
+        if cfg.tie_embeddings and self.tok_embeddings is not None and self.output is not None:
             self.output.weight = self.tok_embeddings.weight
-        if self.tok_embeddings is not None:
-            nn.init.normal_(self.tok_embeddings.weight, std=INIT_STD)
         residual_std = INIT_STD / math.sqrt(2 * cfg.n_layers)
-        for block in self.layers.values():
-            block.init_weights(residual_std)
-        if self.norm is not None:
-            self.norm.reset_parameters()
-        if self.output is not None and not tied:
-            nn.init.normal_(self.output.weight, std=INIT_STD)
+        for name, param in self.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+                continue
+            std = residual_std if name.endswith(("wo.weight", "w2.weight")) else INIT_STD
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            param.copy_(torch.empty(param.shape).normal_(0.0, std, generator=generator))
 
     def forward(self, tokens: Tensor) -> Tensor:
         """Token ids [b, t] -> logits [b, t, vocab].
@@ -176,10 +167,10 @@ class GPT(nn.Module):
         In a pipeline stage without ``tok_embeddings`` the input is hidden states
         [b, t, hidden]; without ``norm``/``output`` the hidden states are returned.
         """
-        t = tokens.size(1)
+        t = tokens.size(1)  # under sequence parallelism a later stage sees only its share
         if t > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {t} tokens is longer than max_seq_len={self.cfg.max_seq_len}")
-        cos, sin = self.rope_cos[:t], self.rope_sin[:t]
+        cos, sin = self.rope_cos, self.rope_sin  # each attention takes the first t rows
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         for layer in self.layers.values():
             h = layer(h, cos, sin)
@@ -236,15 +227,10 @@ def loss_fn(logits: Tensor, targets: Tensor) -> Tensor:
 def build_model(cfg: GPTConfig, device: str | torch.device = "cpu", seed: int = 0) -> GPT:
     """Build ``cfg`` on the meta device, materialise it on ``device`` and initialise it.
 
-    Seeds torch's default generators with ``torch.manual_seed(seed)`` (a global side effect)
-    right before :meth:`GPT.init_weights`. Contract: the same ``cfg`` and ``seed`` give
-    bit-identical parameters on every rank and every process that builds on the same device
-    type; every CPU build equals ``torch.manual_seed(seed); GPT(cfg)`` on CPU. Other device
-    types (e.g. CUDA) draw from their own generator, so their values differ from the CPU build.
+    The same ``cfg`` and ``seed`` give bit-identical parameters on every rank and device.
     """
     with torch.device("meta"):
         model = GPT(cfg)
     model.to_empty(device=device)
-    torch.manual_seed(seed)
-    model.init_weights()
+    model.init_weights(seed)
     return model

@@ -1,5 +1,10 @@
 """Data parallelism: DDP replicas (zero=0) or ZeRO stages 1-3 through FSDP2 ``fully_shard``.
 
+With tensor parallelism the parameters are DTensors, which DDP does not take: zero=0 then
+replicates with FSDP2's ``replicate`` (gradients all-reduced over the dp dimension). With
+model averaging (``avg_every``) the replicas are left alone: they synchronise by averaging
+parameters, not gradients (:mod:`zhilu.parallel.local_sgd`).
+
 ZeRO stages map onto FSDP2 as follows (optimizer states are sharded in every stage, since
 the optimizer steps on the local shards):
 
@@ -28,8 +33,12 @@ from zhilu.plan import Plan
 
 def apply_data_parallel(model: nn.Module, plan: Plan, env: ParallelEnv) -> nn.Module:
     """Wrap ``model`` for the plan's dp axis; a no-op when dp == 1."""
-    if plan.dp == 1:
+    if plan.dp == 1 or plan.avg_every:
         return model
+    if plan.zero == 0 and plan.tp > 1:
+        from torch.distributed._composable.replicate_with_fsdp import replicate
+
+        return replicate(model, mesh=env.mesh["dp"])  # type: ignore[index]
     if plan.zero == 0:
         device_ids = [env.device.index] if env.device.type == "cuda" else None
         # The model's only buffers are the rotary tables, identical on every rank: no broadcast.

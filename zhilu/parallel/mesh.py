@@ -24,19 +24,28 @@ class ParallelEnv:
     local_rank: int
     local_world_size: int
     device: torch.device
-    mesh: DeviceMesh | None  # named dimensions: "dp"
+    mesh: DeviceMesh | None  # dimensions "pp", "dp", "tp" (outermost to innermost)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def local_rank_in(self, dim: str) -> int:
+        return self.mesh[dim].get_local_rank() if self.mesh is not None else 0
+
+    def group(self, dim: str) -> dist.ProcessGroup | None:
+        """The process group of mesh dimension ``dim``, or None when it has one rank."""
+        if self.mesh is None or self.mesh[dim].size() == 1:
+            return None
+        return self.mesh[dim].get_group()
+
     @property
     def dp_rank(self) -> int:
-        return self.mesh["dp"].get_local_rank() if self.mesh is not None else 0
+        return self.local_rank_in("dp")
 
     @property
     def dp_group(self) -> dist.ProcessGroup | None:
-        return self.mesh["dp"].get_group() if self.mesh is not None else None
+        return self.group("dp")
 
 
 def init_parallel(plan: Plan, device_type: str) -> ParallelEnv:
@@ -56,7 +65,8 @@ def init_parallel(plan: Plan, device_type: str) -> ParallelEnv:
     if world > 1:
         backend = "nccl" if device_type == "cuda" else "gloo"
         dist.init_process_group(backend, device_id=device if device_type == "cuda" else None)
-        mesh = init_device_mesh(device_type, (plan.dp,), mesh_dim_names=("dp",))
+        # tp innermost: its ranks are neighbours, on one node when the launch fills nodes in order.
+        mesh = init_device_mesh(device_type, (plan.pp, plan.dp, plan.tp), mesh_dim_names=("pp", "dp", "tp"))
     return ParallelEnv(rank, world, local_rank, local_world, device, mesh)
 
 

@@ -50,7 +50,8 @@ class Checkpointer:
     def latest(self) -> Path | None:
         return latest_checkpoint(self.root.parent)
 
-    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict[str, Any]) -> Path:
+    def save(self, step: int, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer],
+             trainer_state: dict[str, Any]) -> Path:
         """Collective: every rank calls it. Returns the checkpoint directory."""
         name = f"step-{step:08d}"
         final, tmp = self.root / name, self.root / f".{name}.tmp"
@@ -58,7 +59,7 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         _barrier()
-        dcp.save(_tensors(model, optimizer), checkpoint_id=str(tmp))
+        dcp.save(_tensors(parts, optimizers), checkpoint_id=str(tmp))
         if self.is_main:
             manifest = {"step": step, "trainer": trainer_state, "files": _checksums(tmp)}
             _write_atomic(tmp / "manifest.json", json.dumps(manifest, indent=1))
@@ -69,17 +70,18 @@ class Checkpointer:
         _barrier()
         return final
 
-    def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """Collective: restore model and optimizer in place; returns the trainer state.
-
-        The launcher has already checked the files against the manifest (:func:`verify`)."""
+    def load(self, path: Path, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer]) -> dict[str, Any]:
+        """Collective: restore the model parts and their optimizers in place; returns the
+        trainer state. The launcher has already checked the files against the manifest."""
         manifest = json.loads((path / "manifest.json").read_text())
-        state = _tensors(model, optimizer)
+        state = _tensors(parts, optimizers)
         dcp.load(state, checkpoint_id=str(path))
-        set_model_state_dict(model, state["model"])
-        full_optim = get_optimizer_state_dict(model, optimizer, options=_OPTIM)
-        full_optim.update(state["optim"])
-        set_optimizer_state_dict(model, optimizer, full_optim, options=_OPTIM)
+        for part, optimizer in zip(parts, optimizers):
+            model_sd = get_model_state_dict(part)
+            set_model_state_dict(part, {k: state["model"][k] for k in model_sd})
+            full_optim = get_optimizer_state_dict(part, optimizer, options=_OPTIM)
+            full_optim.update({k: state["optim"][k] for k in full_optim if k in state["optim"]})
+            set_optimizer_state_dict(part, optimizer, full_optim, options=_OPTIM)
         return manifest["trainer"]
 
     def _prune(self) -> None:
@@ -90,10 +92,12 @@ class Checkpointer:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def load_model(path: Path, model: nn.Module) -> None:
-    """Load only the model weights of a checkpoint into ``model`` (any layout: DCP reshards)."""
+def load_model(path: Path, model: nn.Module, no_dist: bool = False) -> None:
+    """Load only the model weights of a checkpoint into ``model`` (any layout: DCP reshards).
+
+    ``no_dist``: this process loads alone, even if it belongs to a process group."""
     state = {"model": get_model_state_dict(model)}
-    dcp.load(state, checkpoint_id=str(path))
+    dcp.load(state, checkpoint_id=str(path), no_dist=no_dist)
     set_model_state_dict(model, state["model"])
 
 
@@ -115,13 +119,16 @@ def verify(path: Path) -> None:
                          "delete that directory to resume from the one before")
 
 
-def _tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, dict[str, torch.Tensor]]:
-    """Model parameters and the optimizer's per-parameter tensors (not its hyperparameters)."""
-    optim = get_optimizer_state_dict(model, optimizer, options=_OPTIM)
-    return {
-        "model": get_model_state_dict(model),
-        "optim": {k: v for k, v in optim.items() if k.startswith("state.")},
-    }
+def _tensors(parts: list[nn.Module], optimizers: list[torch.optim.Optimizer]) -> dict[str, dict[str, torch.Tensor]]:
+    """Parameters and the optimizers' per-parameter tensors (not their hyperparameters), keyed
+    by the parameters' names in the whole model, so any layout can load them."""
+    model: dict[str, torch.Tensor] = {}
+    optim: dict[str, torch.Tensor] = {}
+    for part, optimizer in zip(parts, optimizers):
+        model.update(get_model_state_dict(part))
+        optim.update((k, v) for k, v in get_optimizer_state_dict(part, optimizer, options=_OPTIM).items()
+                     if k.startswith("state."))
+    return {"model": model, "optim": optim}
 
 
 def _checksums(directory: Path) -> dict[str, str]:

@@ -23,20 +23,24 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
 
 from zhilu.config import JobConfig
 from zhilu.data.corpus import load_corpus
 from zhilu.data.loader import ShardedLoader, eval_batches
-from zhilu.models.gpt import GPT, build_model, loss_fn
+from zhilu.models.gpt import build_model, loss_fn
 from zhilu.models.presets import GPTConfig
+from zhilu.monitor.memory import tensor_bytes
 from zhilu.monitor.mfu import measure_matmul_flops
 from zhilu.monitor.progress import TrainProgress
-from zhilu.parallel.data_parallel import apply_data_parallel, gradient_sync, reshard
+from zhilu.parallel.apply import parallelize
+from zhilu.parallel.data_parallel import gradient_sync, reshard
+from zhilu.parallel.local_sgd import ModelAveraging
 from zhilu.parallel.mesh import ParallelEnv, init_parallel, shutdown_parallel
 from zhilu.plan import Plan
-from zhilu.train.checkpoint import Checkpointer
-from zhilu.train.optim import build_optimizer, lr_at, set_lr
+from zhilu.train.checkpoint import Checkpointer, load_model
+from zhilu.train.optim import build_optimizer, clip_grad_norm, lr_at, set_lr
 
 
 def run(cfg: JobConfig, plan: Plan, model_cfg: GPTConfig) -> dict[str, Any] | None:
@@ -46,6 +50,9 @@ def run(cfg: JobConfig, plan: Plan, model_cfg: GPTConfig) -> dict[str, Any] | No
         return Trainer(cfg, plan, model_cfg, env).fit()
     finally:
         shutdown_parallel()
+
+
+SAMPLE_MAX_PARAMS = 2_000_000_000  # the end-of-run sample loads the whole model on rank 0
 
 
 class Trainer:
@@ -66,18 +73,20 @@ class Trainer:
         )
         self.prompt = torch.tensor(corpus.val[:16].astype("int64"))[None]
 
-        model = build_model(model_cfg, self.device, seed=t.seed)
-        if cfg.model.compile:
-            for block in model.layers.values():
-                block.compile()
-        self.model = apply_data_parallel(model, plan, env)
-        self.optimizer = build_optimizer(self.model, t, self.device.type)
+        self.pm = parallelize(model_cfg, plan, env, t.seed, cfg.model.compile)
+        self.parts = self.pm.parts
+        self.optimizers = [build_optimizer(part, t, self.device.type) for part in self.parts]
+        self.averaging = (
+            ModelAveraging(self.parts, self.optimizers, plan.avg_every, env.dp_group, cfg.parallel.average_optimizer_state)
+            if plan.avg_every else None
+        )
+        self.loss_context = loss_parallel if plan.tp > 1 else contextlib.nullcontext
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep, env.is_main)
         self.step = 0
         self.restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
         latest = self.checkpointer.latest()
         if latest is not None and (cfg.checkpoint.resume or self.restarts > 0):
-            state = self.checkpointer.load(latest, self.model, self.optimizer)
+            state = self.checkpointer.load(latest, self.parts, self.optimizers)
             self.step = state["step"]
             self.loader.load_state_dict(state["loader"])
         self.tokens_per_step = t.global_batch * t.seq_len
@@ -88,21 +97,38 @@ class Trainer:
     def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Forward, backward and update on this rank's share of one global batch.
 
-        Returns this rank's mean loss (detached, not yet averaged over ranks)."""
-        set_lr(self.optimizer, lr_at(self.step, self.cfg.train))
-        mb = self.plan.mb
+        Returns this rank's mean loss (detached, not yet averaged over ranks; zero on a
+        pipeline rank without the last stage)."""
+        lr = lr_at(self.step, self.cfg.train)
+        for opt in self.optimizers:
+            set_lr(opt, lr)
+        with self.loss_context():
+            if self.pm.pipeline is not None:
+                loss = self.pm.pipeline.step(inputs, targets)
+                total = loss if loss is not None else torch.zeros((), device=self.device)
+            else:
+                total = self._accumulate(inputs, targets)
+        if self.cfg.train.grad_clip > 0:
+            clip_grad_norm(self.parts, self.cfg.train.grad_clip, self.env.group("pp"))
+        if self.step == 0:
+            self.first_grad_bytes = tensor_bytes(p.grad for part in self.parts for p in part.parameters())
+        for opt in self.optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        self.step += 1
+        if self.averaging is not None:
+            self.averaging.after_step(self.step)
+        return total
+
+    def _accumulate(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        model, mb = self.parts[0], self.plan.mb
         total = torch.zeros((), device=self.device)
         for i, (x, y) in enumerate(zip(inputs.chunk(mb), targets.chunk(mb))):
-            with gradient_sync(self.model, self.plan, last_micro_batch=i == mb - 1):
+            with gradient_sync(model, self.plan, last_micro_batch=i == mb - 1):
                 with self.autocast:
-                    loss = loss_fn(self.model(x), y) / mb
+                    loss = loss_fn(model(x), y) / mb
                 loss.backward()
-            total += loss.detach()
-        if self.cfg.train.grad_clip > 0:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
+            total += _plain(loss.detach())
         return total
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,9 +160,11 @@ class Trainer:
             interval_steps += 1
             step = self.step
             progress.advance(step)
+            if step == 1:
+                self._report_memory(progress)
             evaluate = step == t.steps or step == 1 or (t.eval_every > 0 and step % t.eval_every == 0)
             if evaluate or step % t.log_every == 0:
-                last_loss = self._mean_over_dp(loss)
+                last_loss = self._global_mean(loss)
                 _sync(self.device)
                 step_time = (time.perf_counter() - interval_start) / interval_steps
                 step_times.extend([step_time] * interval_steps)
@@ -151,9 +179,9 @@ class Trainer:
                 self.save()
                 interval_start = time.perf_counter()
         progress.close()
-        sample = self.sample(t.sample_tokens) if t.sample_tokens else None
         if not env.is_main:
             return None
+        sample = self.sample(t.sample_tokens) if t.sample_tokens else None
         measured = statistics.median(step_times[1:] or step_times) if step_times else None
         summary = {
             "plan": self.plan.to_dict(),
@@ -178,47 +206,74 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        self.model.eval()
+        for part in self.parts:
+            part.eval()
         total = torch.zeros((), device=self.device)
         for x, y in self.val_batches:
-            with self.autocast:
-                total += loss_fn(self.model(x.to(self.device)), y.to(self.device))
-        self.model.train()
-        reshard(self.model)
-        return self._mean_over_dp(total / len(self.val_batches))
+            x, y = x.to(self.device), y.to(self.device)
+            with self.autocast, self.loss_context():
+                if self.pm.pipeline is not None:
+                    loss = self.pm.pipeline.eval(x, y)
+                    total += loss if loss is not None else 0.0
+                else:
+                    total += _plain(loss_fn(self.parts[0](x), y))
+        for part in self.parts:
+            part.train()
+            reshard(part)
+        return self._global_mean(total / len(self.val_batches))
 
     @torch.no_grad()
     def sample(self, n_tokens: int) -> str | None:
-        """Text generated from the start of the validation data (every rank takes part; rank 0 keeps it)."""
-        model = self.model.module if isinstance(self.model, nn.parallel.DistributedDataParallel) else self.model
-        assert isinstance(model, GPT)
+        """Text generated on rank 0 from the start of the validation data, by a whole model
+        loaded from the checkpoint just saved (so it also proves that checkpoint restores)."""
+        if self.model_cfg.num_params() > SAMPLE_MAX_PARAMS:
+            return None
+        model = build_model(self.model_cfg, self.device)
+        load_model(self.checkpointer.latest(), model, no_dist=True)
         generator = torch.Generator(self.device).manual_seed(self.cfg.train.seed)
         model.eval()
         with self.autocast:
             out = model.generate(self.prompt.to(self.device), n_tokens, generator=generator)
-        model.train()
-        reshard(model)
         tokens = out[0].tolist()
         return bytes(tokens).decode("utf-8", errors="replace") if self.byte_level else " ".join(map(str, tokens))
 
     def save(self) -> None:
         state = {"step": self.step, "loader": self.loader.state_dict(), "plan": self.plan.to_dict()}
-        self.checkpointer.save(self.step, self.model, self.optimizer, state)
+        self.checkpointer.save(self.step, self.parts, self.optimizers, state)
 
     # -- helpers ---------------------------------------------------------------------------
-    def _mean_over_dp(self, value: torch.Tensor) -> float:
-        if self.env.dp_group is not None:
-            value = value.clone()
-            dist.all_reduce(value, group=self.env.dp_group)
-            value /= self.plan.dp
-        return value.item()
+    def _global_mean(self, value: torch.Tensor) -> float:
+        """The loss of the global batch: from the last pipeline stage, averaged over replicas."""
+        value = value.detach().clone()
+        for dim in ("pp", "dp"):
+            group = self.env.group(dim)
+            if group is not None:
+                dist.all_reduce(value, group=group)
+        return value.item() / self.plan.dp
+
+    def _report_memory(self, progress: TrainProgress) -> None:
+        """Print what each rank holds after the first step: parameters, gradients, optimizer states, peak."""
+        held = torch.tensor([
+            tensor_bytes(p for part in self.parts for p in part.parameters()),
+            self.first_grad_bytes,
+            tensor_bytes(v for opt in self.optimizers for state in opt.state.values() for v in state.values()),
+            _peak_memory_gib(self.device) * 2**30,
+        ], dtype=torch.float64)
+        rows = [held]
+        if dist.is_initialized():
+            rows = [torch.zeros_like(held) for _ in range(self.env.world_size)]
+            dist.all_gather(rows, held)
+        progress.print("memory per rank after step 1 (MiB): params / grads / optimizer / peak " +
+                       ("RSS" if self.device.type == "cpu" else "allocated"))
+        for rank, row in enumerate(rows):
+            progress.print(f"  rank {rank}: " + " / ".join(f"{v / 2**20:,.1f}" for v in row.tolist()))
 
     def _record(self, step: int, loss: float, step_time: float) -> dict[str, Any]:
         tokens_per_s = self.tokens_per_step / step_time
         return {
             "step": step,
             "loss": loss,
-            "lr": self.optimizer.param_groups[0]["lr"],
+            "lr": self.optimizers[0].param_groups[0]["lr"],
             "step_time_s": step_time,
             "tokens_per_s": tokens_per_s,
             "mfu": self.flops_per_step / step_time / self.peak_flops,
@@ -272,6 +327,10 @@ def _print_summary(progress: TrainProgress, s: dict[str, Any], run_dir: Path) ->
     if s["sample"] is not None:
         progress.print("[bold]sample[/]")
         progress.print(s["sample"], markup=False)
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def _peak_memory_gib(device: torch.device) -> float:

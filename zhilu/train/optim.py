@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from zhilu.config import TrainSection
 
@@ -34,3 +36,28 @@ def lr_at(step: int, t: TrainSection) -> float:
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def clip_grad_norm(parts: list[nn.Module], max_norm: float, pp_group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Clip the gradients of all ``parts`` to a global norm of ``max_norm``; returns that norm.
+
+    Gradients may be plain tensors or DTensors on different meshes (tensor-parallel weights,
+    replicated norms, FSDP shards): each group is normed by PyTorch's ``get_total_norm`` and
+    made whole, and pipeline stages add their squares over ``pp_group``.
+    """
+    groups: dict[object, list[nn.Parameter]] = {}  # parameters whose gradients share a layout
+    for part in parts:
+        for p in part.parameters():
+            if p.grad is not None:
+                key = (p.grad.device_mesh, p.grad.placements) if isinstance(p.grad, DTensor) else None
+                groups.setdefault(key, []).append(p)
+    squares = torch.zeros((), dtype=torch.float32, device=next(parts[0].parameters()).device)
+    for params in groups.values():
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        squares += (norm.full_tensor() if isinstance(norm, DTensor) else norm).float() ** 2
+    if pp_group is not None:
+        dist.all_reduce(squares, group=pp_group)
+    total = squares.sqrt()
+    for params in groups.values():
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total
