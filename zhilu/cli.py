@@ -1,6 +1,7 @@
 """The ``zhilu`` command.
 
     zhilu train [CONFIG.toml] [--model PRESET] [--nproc N] [--plan SPEC] [--section.key VALUE ...]
+    zhilu plan --model llama3-8b --seq-len 8192 --global-batch 64 --gpus 64 --hardware h100-sxm
 
 Exit codes: 0 success, 2 the input is wrong (one ``error:`` line on stderr), 1 a bug or a crash.
 """
@@ -89,7 +90,18 @@ def train(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": (train, "train a model with a parallel plan")}
+def plan(argv: list[str]) -> int:
+    from zhilu.perf import plan_cli
+
+    parser = _Parser(prog="zhilu plan", description="Predict step time and memory of parallel plans; pick the fastest that fits.")
+    plan_cli.add_arguments(parser)
+    return plan_cli.run(parser.parse_args(argv))
+
+
+COMMANDS = {
+    "train": (train, "train a model with a parallel plan"),
+    "plan": (plan, "predict step time and memory of plans and pick the fastest that fits"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:

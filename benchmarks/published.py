@@ -1,0 +1,278 @@
+"""Predict every published training run in ``shared/published`` and print the error.
+
+    python benchmarks/published.py [--published DIR]
+
+For each row with a step time or a throughput: the predicted and the published step time
+and the absolute percentage error; then the median and the maximum. Then the per-device
+memory against Korthikanti et al. 2022 Fig. 1 and the torchtitan memory columns.
+
+Each source ran a known software stack (a :class:`Software`: fused kernels or eager
+PyTorch, flash or explicit attention, what overlaps) on known hardware. Settings a source
+does not state (micro-batch, schedule and recompute for Megatron-Core; micro-batch and
+virtual stages for Llama 3) are left to the search, as their authors tuned them. No
+constant here belongs to a row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from statistics import median
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from zhilu import hardware  # noqa: E402
+from zhilu.models.presets import GPTConfig  # noqa: E402
+from zhilu.perf.flops import Transformer  # noqa: E402
+from zhilu.perf.memory import GIB  # noqa: E402
+from zhilu.perf.search import search  # noqa: E402
+from zhilu.perf.step import Plan, Software, StepModel  # noqa: E402
+
+DEFAULT_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "published"
+
+# --- the software that produced each source ---------------------------------------------------
+# Megatron-LM 2020 (Shoeybi et al.): fused kernels (scale-mask-softmax, bias-GeLU, Apex layer
+# norm), explicit attention with dropout, fp16 gradients all-reduced after backward by its
+# "local" DDP (--DDP-impl local, the default then: no overlap).
+MEGATRON_2020 = Software("Megatron-LM 2020", fused_kernels=True, flash_attention=False, dp_overlap=False,
+                         grad_reduce_bytes=2, p2p_scatter_gather=True)
+# Megatron-LM 2022 (Korthikanti et al.): the same kernels, fp32 gradient accumulation, blocking
+# pipeline transfers that send 1/tp of an activation and all-gather it over NVLink (its default
+# scatter-gather optimisation), no data parallelism in the runs.
+MEGATRON_2022 = Software("Megatron-LM 2022", fused_kernels=True, flash_attention=False, dp_overlap=False,
+                         p2p_scatter_gather=True)
+# Megatron-Core r0.8 (2024): Transformer Engine kernels and fused attention, and "DP/TP/PP
+# communication overlap on" (its README).
+MEGATRON_CORE = Software("Megatron-Core 0.8", fused_kernels=True, tp_overlap=True, pp_overlap=True)
+# torchtitan (2024): eager PyTorch with SDPA flash attention and FSDP2 prefetch; reduce in fp32.
+# "selective op" is PyTorch's per-op policy, "selective layer" checkpoints every second layer.
+TORCHTITAN = Software("torchtitan", selective="ops")
+TORCHTITAN_LAYER = replace(TORCHTITAN, selective="alternate")
+TORCHTITAN_COMPILE = replace(TORCHTITAN, fused_kernels=True)  # torch.compile fuses the elementwise ops
+# Llama 3 (Meta 2024): 4D parallelism with its own fused kernels, asynchronous pipeline
+# transfers and overlapped FSDP-style data parallelism (paper, Sec. 3.3).
+LLAMA3 = Software("Llama 3 training stack", fused_kernels=True, pp_overlap=True)
+
+# Grand Teton H100 (torchtitan's hosts): HBM2e 96 GB at 2.4 TB/s, power limited to 500 W, 400 Gb/s
+# RDMA per GPU. The SMs' dynamic power goes as f^3 (voltage follows frequency); about 150 W of a
+# GH100 board (HBM, NVLink and PCIe I/O, leakage) does not scale with the SM clock. A 500 W limit
+# therefore holds ((500 - 150) / (700 - 150))^(1/3) = 0.86 of the clock a 700 W GH100 sustains.
+_H100 = hardware.PRESETS["h100-sxm"]
+_CLOCK_500W = ((500 - 150) / (700 - 150)) ** (1 / 3)
+GRAND_TETON = replace(_H100, name="h100-grand-teton", device=replace(
+    _H100.device, name="H100 96GB HBM2e 500W", memory_gib=94.5,
+    memory_bandwidth_gbps=2400 * hardware.COPY_EFFICIENCY, power_w=500,
+    matmul_tflops={k: v * _CLOCK_500W for k, v in _H100.device.matmul_tflops.items()},
+    attention=tuple(replace(a, tflops=a.tflops * _CLOCK_500W) for a in _H100.device.attention)))
+
+
+def gpt(layers: int, hidden: int, heads: int, vocab: int, seq: int, *, tied: bool, dropout: bool = True,
+        rotary: bool = False) -> Transformer:
+    """A GPT-2/3 style model: 4h GELU MLP, learned positions, dropout."""
+    cfg = GPTConfig(n_layers=layers, hidden=hidden, n_heads=heads, ffn_hidden=4 * hidden, vocab_size=vocab,
+                    max_seq_len=seq, tie_embeddings=tied)
+    return Transformer(cfg, seq, gated_mlp=False, rotary=rotary, dropout=dropout)
+
+
+LLAMA = {  # layers, hidden, heads, kv heads, ffn, vocab
+    "llama3-8b": (32, 4096, 32, 8, 14336, 128256), "llama3.1-8b": (32, 4096, 32, 8, 14336, 128256),
+    "llama3-70b": (80, 8192, 64, 8, 28672, 128256), "llama3.1-70b": (80, 8192, 64, 8, 28672, 128256),
+    "llama3.1-405b": (126, 16384, 128, 8, 53248, 128256),
+    "llama2-13b": (40, 5120, 40, 40, 13824, 32000), "llama2-70b": (80, 8192, 64, 8, 28672, 32000),
+}
+
+
+def llama(name: str, seq: int) -> Transformer:
+    layers, hidden, heads, kv, ffn, vocab = LLAMA[name]
+    return Transformer(GPTConfig(n_layers=layers, hidden=hidden, n_heads=heads, n_kv_heads=kv, ffn_hidden=ffn,
+                                 vocab_size=vocab, max_seq_len=seq), seq)
+
+
+@dataclass
+class Row:
+    """One published run: predicted against published step time (or memory), or why it is not modelled."""
+
+    source: str
+    label: str
+    published: float
+    predicted: float | None = None
+    note: str = ""
+
+    @property
+    def error(self) -> float | None:
+        return None if self.predicted is None else abs(self.predicted / self.published - 1)
+
+
+def read(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(line for line in f if not line.startswith("#")))
+
+
+def predict(model: Transformer, hw: hardware.Cluster, global_batch: int, software: Software,
+            require_fit: bool = True, **plan) -> float:
+    """Step time of a plan; fields the source leaves open are searched among the plans that fit."""
+    fields = {"precision": "bf16", **plan}
+    if {"dp", "tp", "pp", "zero", "micro_batch", "schedule", "recompute", "sequence_parallel"} <= set(fields):
+        return StepModel(model, hw, global_batch, software).evaluate(Plan(**fields)).step_time_s
+    return search(model, hw, global_batch, fixed=fields, software=software, top=1,
+                  require_fit=require_fit)[0].step_time_s
+
+
+def step_rows(root: Path) -> list[Row]:
+    rows: list[Row] = []
+    a100 = hardware.PRESETS["a100-80gb"]
+    for r in read(root / "korthikanti_2022_table3_table5.csv"):
+        model = gpt(int(r["layers"]), int(r["hidden"]), int(r["heads"]), 51200, 2048, tied=True)
+        tp, pp, gpus = int(r["tp"]), int(r["pp"]), int(r["gpus"])
+        v = 3 if r["model"] in ("175B", "530B") else 1
+        common = dict(dp=1, tp=tp, pp=pp, zero=0, micro_batch=int(r["micro_batch"]),
+                      schedule="interleaved" if v > 1 else "1f1b", virtual_stages=v)
+        hw = a100.sized(gpus)
+        for mode, col, rec, sp in (("full recompute", "iter_s_full_recompute", "full", False),
+                                   ("seq-par + selective", "iter_s_present_work", "selective", True)):
+            t = predict(model, hw, int(r["global_batch"]), MEGATRON_2022, recompute=rec, sequence_parallel=sp, **common)
+            rows.append(Row("Korthikanti 2022 T5", f"{r['model']} {mode}", float(r[col]), t))
+
+    systems = {"dgx2_v100": "v100-32gb", "dgx_a100": "a100-40gb", "dgx_a100_dp": "a100-40gb"}
+    for r in read(root / "megatron_readme_2020_single_node_tp.csv"):
+        model = gpt(int(r["layers"]), int(r["hidden"]), int(r["heads"]), 51200, 1024, tied=True)
+        tp, gpus, batch = int(r["tp"]), int(r["gpus"]), int(r["global_batch"])
+        dp = gpus // tp
+        hw = hardware.PRESETS[systems[r["system"]]].sized(gpus)
+        t = predict(model, hw, batch, MEGATRON_2020, dp=dp, tp=tp, pp=1, zero=0, micro_batch=batch // dp,
+                    schedule="1f1b", recompute="full", sequence_parallel=False)
+        rows.append(Row("Megatron 2020 TP", f"{r['case']} tp={tp} {r['system']}", float(r["iter_ms"]) / 1e3, t))
+
+    h100 = hardware.PRESETS["h100-sxm"]
+    for r in read(root / "megatron_core_h100_2024_weak_scaling.csv"):
+        model = gpt(int(r["layers"]), int(r["hidden"]), int(r["heads"]), 131072, 4096, tied=False, dropout=False)
+        gpus, batch = int(r["gpus"]), int(r["batch"])
+        published = model.model_flops_per_token * batch * 4096 / (gpus * float(r["tflops_per_gpu"]) * 1e12)
+        # Micro-batch, schedule and recompute are not stated: searched (the fastest plan that fits).
+        t = predict(model, h100.sized(gpus), batch, MEGATRON_CORE, dp=int(r["dp"]), tp=int(r["tp"]),
+                    pp=int(r["pp"]), zero=1, sequence_parallel=True)
+        rows.append(Row("Megatron-Core H100", f"{r['model']} tp={r['tp']} pp={r['pp']} dp={r['dp']}", published, t))
+
+    ac = {"none": ("none", TORCHTITAN), "full": ("full", TORCHTITAN), "selective_op": ("selective", TORCHTITAN),
+          "selective_layer": ("selective", TORCHTITAN_LAYER), "per_op_sac": ("selective", TORCHTITAN)}
+    for r in read(root / "torchtitan_a100_fsdp2_2024.csv"):
+        seq, b, gpus = int(r["seq_len"]), int(r["local_batch"]), int(r["gpus"])
+        rec, sw = ac[r["ac"]]
+        t = predict(llama(r["model"], seq), a100.sized(gpus), b * gpus, sw, dp=gpus, tp=1, pp=1, zero=3,
+                    micro_batch=b, schedule="1f1b", recompute=rec, sequence_parallel=False)
+        rows.append(Row("torchtitan A100", f"{r['model']} b={b} ac={r['ac']}", b * seq / float(r["wps_per_gpu"]), t))
+
+    for r in read(root / "torchtitan_405b_h100_2024.csv"):
+        label = f"{r['model']} fsdp={r['fsdp']} tp={r['tp']} {r['optimizations']}"
+        tp, dp, b = int(r["tp"]), int(r["fsdp"]), int(r["local_batch"])
+        published = b * 8192 / (tp * float(r["wps_per_gpu"]))
+        if r["optimizations"] != "none":
+            rows.append(Row("torchtitan 405B", label, published, note="not modelled: float8 matmuls"))
+            continue
+        t = predict(llama(r["model"], 8192), GRAND_TETON.sized(int(r["gpus"])), b * dp, TORCHTITAN, dp=dp, tp=tp,
+                    pp=1, zero=3, micro_batch=b, schedule="1f1b", recompute="full", sequence_parallel=True)
+        rows.append(Row("torchtitan 405B", label, published, t))
+
+    for r in read(root / "torchtitan_asynctp_h100_202506.csv"):
+        label = f"{r['model']} tp={r['tp']} {r['tp_type']} {r['quantization']}"
+        tp, dp, gpus = int(r["tp"]), int(r["fsdp"]), int(r["gpus"])
+        b = 16 if r["model"] == "llama3-70b" else 12  # local batches stated in the file's header
+        published = b * 8192 / (tp * float(r["average_tps"]))
+        if r["quantization"] != "bf16":
+            rows.append(Row("torchtitan async-TP", label, published, note="not modelled: float8 matmuls"))
+            continue
+        rec, sw = ac[r["ac"]]
+        sw = replace(sw, fused_kernels=True, tp_overlap=r["tp_type"] == "async")  # all runs torch.compile
+        t = predict(llama(r["model"], 8192), GRAND_TETON.sized(gpus), b * dp, sw, dp=dp, tp=tp, pp=1, zero=3,
+                    micro_batch=b, schedule="1f1b", recompute=rec, sequence_parallel=True)
+        rows.append(Row("torchtitan async-TP", label, published, t))
+
+    for r in read(root / "torchtitan_llama31_h100_202412.csv"):
+        label = f"T{r['table']} {r['model']} {r['gpus']} GPUs {r['techniques']}"
+        b, seq = int(r["local_batch"]), int(r["seq_len"] or 8192)
+        published = b * seq / (int(r["tp"]) * float(r["tps_per_gpu"]))
+        if "float8" in r["techniques"]:
+            rows.append(Row("torchtitan H100", label, published, note="not modelled: float8 matmuls"))
+            continue
+        gpus = int(r["gpus"])
+        sw = TORCHTITAN_COMPILE if "compile" in r["techniques"] else TORCHTITAN
+        t = predict(llama(r["model"], seq), GRAND_TETON.sized(gpus), b * gpus, sw, dp=gpus, tp=1, pp=1, zero=3,
+                    micro_batch=b, schedule="1f1b", recompute="selective", sequence_parallel=False)
+        rows.append(Row("torchtitan H100", label, published, t))
+
+    for r in read(root / "llama3_2024_table4_405b.csv"):
+        gpus, tp, pp, dp, cp = (int(r[k]) for k in ("gpus", "tp", "pp", "dp", "cp"))
+        seq, batch = int(r["seq_len"]), int(r["batch_per_dp"]) * int(r["dp"])
+        model = llama("llama3.1-405b", min(seq, 8192))
+        label = f"405B {gpus} GPUs tp={tp} cp={cp} pp={pp} dp={dp} seq={seq}"
+        published = model.model_flops_per_token * batch * model.seq_len / (gpus * float(r["tflops_per_gpu"]) * 1e12)
+        if cp > 1:
+            rows.append(Row("Llama 3 Table 4", label, published, note="not modelled: context parallelism"))
+            continue
+        # Sec. 3.3.2: interleaved 1F1B, and 8K sequences "without activation checkpointing". Its
+        # memory-balancing work made that fit; this model's memory does not know it, so fit is not asked.
+        t = predict(model, h100.sized(gpus), batch, LLAMA3, require_fit=False, dp=dp, tp=tp, pp=pp,
+                    sequence_parallel=True, schedule="interleaved", recompute="none")
+        rows.append(Row("Llama 3 Table 4", label, published, t))
+    return rows
+
+
+def memory_rows(root: Path) -> list[Row]:
+    rows: list[Row] = []
+    configs = {r["model"]: r for r in read(root / "korthikanti_2022_table3_table5.csv")}
+    for r in read(root / "korthikanti_2022_fig1_memory_gib.csv"):
+        c = configs[r["model"]]
+        model = gpt(int(c["layers"]), int(c["hidden"]), int(c["heads"]), 51200, 2048, tied=True)
+        v = 3 if r["model"] in ("175B", "530B") else 1
+        rec, sp = ("none", False) if r["mode"] == "none" else ("selective", True)
+        plan = Plan(1, int(c["tp"]), int(c["pp"]), 0, int(c["micro_batch"]), "interleaved" if v > 1 else "1f1b",
+                    v, rec, sp)
+        hw = hardware.PRESETS["a100-80gb"].sized(int(c["gpus"]))
+        mem = StepModel(model, hw, int(c["global_batch"]), MEGATRON_2022).evaluate(plan).memory
+        published = float(r["par_opt_gib"]) + float(r["act_gib"])
+        rows.append(Row("Korthikanti 2022 Fig. 1", f"{r['model']} {r['mode']}", published, mem.total / GIB))
+    for r in read(root / "torchtitan_llama31_h100_202412.csv"):
+        if "float8" in r["techniques"]:
+            continue
+        b, seq, gpus = int(r["local_batch"]), int(r["seq_len"] or 8192), int(r["gpus"])
+        sw = TORCHTITAN_COMPILE if "compile" in r["techniques"] else TORCHTITAN
+        plan = Plan(gpus, 1, 1, 3, b, "1f1b", 1, "selective", False)
+        mem = StepModel(llama(r["model"], seq), GRAND_TETON.sized(gpus), b * gpus, sw).evaluate(plan).memory
+        rows.append(Row("torchtitan H100", f"T{r['table']} {r['model']} {gpus} GPUs {r['techniques']}",
+                        float(r["mem_gib"]), mem.total / GIB))
+    return rows
+
+
+def summary(rows: list[Row]) -> tuple[float, float, int]:
+    """Median and maximum absolute error of the modelled rows, and how many were modelled."""
+    errors = [r.error for r in rows if r.error is not None]
+    return median(errors), max(errors), len(errors)
+
+
+def _table(title: str, rows: list[Row], unit: str) -> None:
+    print(f"\n{title}")
+    print(f"{'source':<24} {'run':<52} {'published':>10} {'predicted':>10} {'error':>7}")
+    for r in rows:
+        if r.predicted is None:
+            print(f"{r.source:<24} {r.label:<52} {r.published:>10.3f} {'-':>10} {'':>7}  {r.note}")
+        else:
+            print(f"{r.source:<24} {r.label:<52} {r.published:>10.3f} {r.predicted:>10.3f} {r.error:>7.1%}")
+    med, worst, n = summary(rows)
+    skipped = sum(r.predicted is None for r in rows)
+    print(f"{title}: {n} rows modelled ({skipped} not), median error {med:.1%}, max error {worst:.1%} ({unit})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--published", type=Path, default=DEFAULT_DIR, help="folder of the published CSV files")
+    args = parser.parse_args(argv)
+    _table("Step time", step_rows(args.published), "seconds per step")
+    _table("Memory per device", memory_rows(args.published), "GiB")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

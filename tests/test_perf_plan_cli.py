@@ -1,0 +1,87 @@
+"""`zhilu plan`: the JSON contract, the table, one-line errors, and a cold start without torch."""
+
+import argparse
+import json
+import subprocess
+import sys
+
+import pytest
+
+from zhilu.errors import ZhiluError
+from zhilu.perf import plan_cli
+
+PLAN_KEYS = {"dp", "tp", "pp", "zero", "micro_batch", "schedule", "recompute", "step_time_s", "tokens_per_s",
+             "model_tflops_per_gpu", "mfu", "memory_gib_per_device", "fits", "breakdown"}
+BREAKDOWN_KEYS = {"compute", "recompute", "tp_comm", "pp_comm", "dp_comm_exposed", "bubble", "optimizer", "other"}
+JOB = ["--model", "llama3-8b", "--seq-len", "4096", "--global-batch", "64", "--gpus", "16", "--hardware", "h100-sxm"]
+
+
+def plan(*argv: str) -> int:
+    parser = argparse.ArgumentParser(prog="zhilu plan")
+    plan_cli.add_arguments(parser)
+    return plan_cli.run(parser.parse_args(list(argv)))
+
+
+def test_json_is_the_contract(capsys):
+    assert plan(*JOB, "--json", "--top", "3") == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) == {"plans", "best"} and out["best"] == 0
+    assert 1 <= len(out["plans"]) <= 3
+    for p in out["plans"]:
+        assert set(p) == PLAN_KEYS and set(p["breakdown"]) == BREAKDOWN_KEYS
+        assert p["fits"] and p["dp"] * p["tp"] * p["pp"] == 16
+        assert sum(p["breakdown"].values()) == pytest.approx(p["step_time_s"])
+    times = [p["step_time_s"] for p in out["plans"]]
+    assert times == sorted(times)
+
+
+def test_given_degrees_give_exactly_that_plan(capsys):
+    plan(*JOB, "--json", "--dp", "2", "--tp", "8", "--pp", "1", "--zero", "1", "--micro-batch", "4",
+         "--schedule", "1f1b", "--recompute", "selective")
+    (p,) = json.loads(capsys.readouterr().out)["plans"]
+    assert (p["dp"], p["tp"], p["pp"], p["zero"], p["micro_batch"], p["recompute"]) == (2, 8, 1, 1, 4, "selective")
+
+
+def test_a_model_by_shape_and_the_time_to_train(capsys):
+    plan("--layers", "4", "--hidden", "256", "--heads", "4", "--vocab", "1000", "--seq-len", "256",
+         "--global-batch", "8", "--gpus", "2", "--hardware", "cpu", "--json", "--tokens", "1e6")
+    p = json.loads(capsys.readouterr().out)["plans"][0]
+    assert p["time_to_train_s"] == pytest.approx(1e6 / p["tokens_per_s"])
+    assert p["device_hours"] == pytest.approx(p["time_to_train_s"] * 2 / 3600)
+    assert p["energy_kwh"] == pytest.approx(p["device_hours"] * 60 / 1000)
+
+
+def test_the_table(capsys):
+    assert plan(*JOB, "--top", "2", "--tokens", "1e12") == 0
+    out = capsys.readouterr().out
+    assert "MFU" in out and "device-hours" in out and "MWh" in out
+
+
+@pytest.mark.parametrize("argv,field", [
+    (["--model", "gpt-tiny", "--seq-len", "256", "--global-batch", "8", "--gpus", "4", "--hardware", "cpu",
+      "--tp", "4"], "tp"),  # 6 heads
+    ([*JOB[:-1], "tpu-v5"], "hardware"),
+    (["--model", "llama3-8b", "--seq-len", "4096", "--global-batch", "64", "--gpus", "0", "--hardware", "h100-sxm"],
+     "gpus"),
+    (["--model", "llama3-70b", "--seq-len", "8192", "--global-batch", "8", "--gpus", "1", "--hardware", "a100-40gb"],
+     "plan"),  # nothing fits
+    (["--layers", "4", "--hidden", "256", "--seq-len", "256", "--global-batch", "8", "--gpus", "2",
+      "--hardware", "cpu"], "model"),  # heads and vocabulary missing
+    (["--model", "llama-2b", *JOB[2:]], "model.preset"),
+    (JOB[:-2], "hardware"),
+    ([*JOB, "--micro-batch", "0"], "micro_batch"),
+    ([*JOB, "--tokens", "-5"], "tokens"),
+])
+def test_bad_input_is_a_user_error_naming_the_field(argv, field):
+    with pytest.raises(ZhiluError) as e:
+        plan(*argv)
+    assert e.value.field == field
+
+
+def test_plan_answers_from_a_cold_start_without_torch_or_numpy():
+    code = ("import argparse, sys; from zhilu.perf import plan_cli; p = argparse.ArgumentParser(); "
+            "plan_cli.add_arguments(p); plan_cli.run(p.parse_args(sys.argv[1:])); "
+            "assert 'torch' not in sys.modules and 'numpy' not in sys.modules, 'imported torch or numpy'")
+    done = subprocess.run([sys.executable, "-c", code, *JOB, "--json"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["best"] == 0

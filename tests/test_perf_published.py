@@ -1,0 +1,41 @@
+"""The model against the published runs in shared/published (benchmarks/published.py).
+
+Targets of issue 4: step time median error <= 5% and max <= 15%; memory median <= 10%.
+"""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+spec = importlib.util.spec_from_file_location("published", ROOT / "benchmarks" / "published.py")
+published = sys.modules["published"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(published)
+
+pytestmark = pytest.mark.skipif(not published.DEFAULT_DIR.is_dir(), reason="shared/published is not here")
+
+
+@pytest.mark.xfail(strict=True, reason="not met yet: median 6.0%, max 16.9% (docs/perf_model.md, section 9)")
+def test_step_time_errors_meet_the_targets():
+    med, worst, n = published.summary(published.step_rows(published.DEFAULT_DIR))
+    assert n >= 40
+    assert med <= 0.05 and worst <= 0.15, f"median {med:.1%}, max {worst:.1%}"
+
+
+def test_step_time_errors_do_not_regress():
+    med, worst, _ = published.summary(published.step_rows(published.DEFAULT_DIR))
+    assert med <= 0.061 and worst <= 0.17, f"median {med:.1%}, max {worst:.1%}"
+
+
+def test_memory_errors_meet_the_target():
+    med, _, n = published.summary(published.memory_rows(published.DEFAULT_DIR))
+    assert n >= 12 and med <= 0.10, f"median {med:.1%}"
+
+
+def test_only_features_the_model_lacks_are_left_out():
+    rows = published.step_rows(published.DEFAULT_DIR)
+    for r in rows:
+        if r.predicted is None:
+            assert r.note.startswith("not modelled: ") and ("float8" in r.note or "context parallel" in r.note)

@@ -1,0 +1,131 @@
+"""One training step of a plan: composition of the terms, validation, and how choices trade off."""
+
+import pytest
+
+from zhilu.errors import ZhiluError
+from zhilu.hardware import PRESETS
+from zhilu.models.presets import preset
+from zhilu.perf.flops import Transformer
+from zhilu.perf.pipeline import bubble_fraction
+from zhilu.perf.step import BREAKDOWN, Plan, StepModel
+
+LLAMA = Transformer(preset("llama3-8b"), 4096)
+
+
+def steps(devices=8, batch=64, hw="h100-sxm", model=LLAMA):
+    return StepModel(model, PRESETS[hw].sized(devices), batch)
+
+
+def test_the_breakdown_adds_up_to_the_step():
+    for plan in (Plan(8, 1, 1, zero=3, micro_batch=2), Plan(2, 2, 2, 1, 1, "interleaved", 4, "selective", True),
+                 Plan(1, 8, 1, recompute="full", micro_batch=8, sequence_parallel=True)):
+        e = steps().evaluate(plan)
+        assert set(e.breakdown) == set(BREAKDOWN)
+        assert sum(e.breakdown.values()) == pytest.approx(e.step_time_s)
+        assert min(e.breakdown.values()) >= 0
+
+
+def test_one_device_spends_its_step_computing_and_stepping_the_optimizer():
+    e = steps(devices=1, batch=4).evaluate(Plan(1, 1, 1, micro_batch=1))
+    assert e.breakdown["tp_comm"] == e.breakdown["pp_comm"] == e.breakdown["dp_comm_exposed"] == 0
+    assert e.breakdown["bubble"] == 0
+    # four micro-batches of one sequence: four times the work of one
+    one = steps(devices=1, batch=1).evaluate(Plan(1, 1, 1, micro_batch=1))
+    assert e.breakdown["compute"] == pytest.approx(4 * one.breakdown["compute"])
+
+
+def test_throughput_and_mfu_follow_from_the_step_time():
+    e = steps().evaluate(Plan(8, 1, 1, zero=1, micro_batch=2))
+    tokens = 64 * 4096
+    assert e.tokens_per_s == pytest.approx(tokens / e.step_time_s)
+    flops = LLAMA.model_flops_per_token * tokens / e.step_time_s / 8
+    assert e.model_tflops_per_gpu == pytest.approx(flops / 1e12)
+    assert e.mfu == pytest.approx(flops / 989e12)
+
+
+def test_equal_stages_show_the_textbook_bubble():
+    # 12 layers over 4 stages, 3 each; a small vocabulary keeps the embedding and output layer cheap
+    m = Transformer(preset("llama3-8b", n_layers=12, vocab_size=256), 4096)
+    e = StepModel(m, PRESETS["h100-sxm"].sized(4), 32).evaluate(Plan(1, 1, 4, micro_batch=1))
+    busy = e.step_time_s - e.breakdown["bubble"] - e.breakdown["optimizer"]
+    assert e.breakdown["bubble"] / busy == pytest.approx(bubble_fraction(4, 32), rel=0.05)
+
+
+def test_interleaving_shrinks_the_bubble():
+    s = steps()
+    plain = s.evaluate(Plan(1, 1, 8, micro_batch=1, schedule="1f1b"))
+    interleaved = s.evaluate(Plan(1, 1, 8, micro_batch=1, schedule="interleaved", virtual_stages=4))
+    assert interleaved.breakdown["bubble"] < plain.breakdown["bubble"] / 3
+
+
+def test_recompute_trades_time_for_memory():
+    s = steps()
+    none, sel, full = (s.evaluate(Plan(8, 1, 1, 3, 2, recompute=r)) for r in ("none", "selective", "full"))
+    assert none.step_time_s < sel.step_time_s < full.step_time_s
+    assert full.memory.activations < none.memory.activations / 3  # the logits stay
+    assert full.breakdown["recompute"] > sel.breakdown["recompute"] > 0 == none.breakdown["recompute"]
+
+
+def test_zero_stages_trade_traffic_for_memory():
+    s = steps()
+    mems = [s.evaluate(Plan(8, 1, 1, zero=z, micro_batch=2)).memory for z in range(4)]
+    assert mems[0].optimizer == 8 * mems[1].optimizer
+    assert mems[1].gradients == 8 * mems[2].gradients
+    assert mems[2].weights == 8 * mems[3].weights
+    assert [m.total for m in mems] == sorted((m.total for m in mems), reverse=True)
+
+
+def test_sequence_parallelism_saves_activations_and_elementwise_time():
+    s = steps()
+    tp, sp = (s.evaluate(Plan(1, 8, 1, micro_batch=4, sequence_parallel=v)) for v in (False, True))
+    assert sp.memory.activations < tp.memory.activations
+    assert sp.breakdown["compute"] < tp.breakdown["compute"]
+
+
+def test_fp32_is_slower_and_bigger_than_mixed_precision():
+    s = steps()
+    bf16, fp32 = (s.evaluate(Plan(8, 1, 1, 3, 2, precision=p)) for p in ("bf16", "fp32"))
+    assert fp32.step_time_s > 5 * bf16.step_time_s
+    assert fp32.memory.activations == pytest.approx(2 * bf16.memory.activations, rel=0.05)
+
+
+def test_too_little_memory_does_not_fit():
+    e = StepModel(Transformer(preset("llama3-70b"), 4096), PRESETS["a100-40gb"].sized(8), 8).evaluate(
+        Plan(8, 1, 1, zero=0, micro_batch=1))
+    assert not e.fits and e.memory_gib_per_device > 39.4
+
+
+@pytest.mark.parametrize("plan,field", [
+    (Plan(4, 1, 1), "dp"),  # 4 != 8 devices
+    (Plan(8, 1, 1, micro_batch=3), "micro_batch"),  # 8 sequences per replica
+    (Plan(2, 1, 4, micro_batch=16, schedule="interleaved", virtual_stages=4), "schedule"),  # 2 micro-batches < pp
+    (Plan(1, 1, 8, micro_batch=1, schedule="interleaved", virtual_stages=8), "schedule"),  # 64 chunks, 32 layers
+    (Plan(8, 1, 1, zero=5), "zero"),
+    (Plan(8, 1, 1, schedule="zigzag"), "schedule"),
+    (Plan(8, 1, 1, recompute="some"), "recompute"),
+    (Plan(8, 1, 1, precision="fp8"), "precision"),
+    (Plan(1, 1, 8, micro_batch=1, schedule="interleaved", virtual_stages=1), "schedule"),
+    (Plan(8, 1, 1, virtual_stages=2), "schedule"),
+])
+def test_an_invalid_plan_names_the_field(plan, field):
+    with pytest.raises(ZhiluError) as e:
+        steps().evaluate(plan)
+    assert e.value.field == field
+
+
+def test_tensor_parallelism_stays_in_a_node():
+    with pytest.raises(ZhiluError) as e:
+        steps(devices=16).evaluate(Plan(1, 16, 1))
+    assert e.value.field == "tp"
+
+
+def test_heads_not_divisible_by_tp():
+    m = Transformer(preset("gpt-tiny"), 256)  # 6 heads
+    with pytest.raises(ZhiluError) as e:
+        StepModel(m, PRESETS["h100-sxm"].sized(4), 8).evaluate(Plan(1, 4, 1))
+    assert e.value.field == "tp" and "heads=6" in e.value.message
+
+
+def test_plan_spec_for_zhilu_train():
+    e = steps().evaluate(Plan(2, 2, 2, 1, 1, "interleaved", 4, "selective", True))
+    assert e.plan_spec() == "dp=2,tp=2,pp=2,zero=1,mb=32,recompute=selective,schedule=interleaved,vstages=4,sp=true"
