@@ -36,6 +36,12 @@ CASES = {
     "heads not dividing hidden": (["--model.n_heads", "5"], "model.n_heads"),
     "sequence longer than the data": (["--data", "SMALL", "--seq-len", "256"], "train.seq_len"),
     "cuda not there": (["--device", "cuda"], "launch.device"),
+    "tp not dividing the heads": (["--nproc", "4", "--plan", "tp=4"], "parallel.plan"),
+    "pp more than the layers": (["--nproc", "2", "--plan", "pp=2", "--model.n_layers", "1"], "parallel.plan"),
+    "interleaved micro-batches": (["--nproc", "2", "--plan", "pp=2,mb=3,schedule=interleaved"], "parallel.plan"),
+    "too few micro-batches": (["--nproc", "2", "--plan", "pp=2,mb=1"], "parallel.plan"),
+    "sequence parallel without tp": (["--plan", "sp=true"], "parallel.plan"),
+    "model averaging with zero": (["--nproc", "2", "--plan", "dp=2,zero=3,avg_every=2"], "parallel.plan"),
 }
 
 

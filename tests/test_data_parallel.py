@@ -2,50 +2,33 @@
 
 Every layout trains the same micro GPT for 10 steps on the same global batch of 8
 sequences and seed: its per-step losses and final parameters must equal the
-single-process run (fp32 on CPU, relative difference <= 1e-5).
+single-process run (fp32 on CPU: losses within a relative 1e-5, parameters within 1e-5).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
-import torch
 
-from conftest import MICRO, losses, zhilu
-from zhilu.models.gpt import build_model
-from zhilu.models.presets import preset
-from zhilu.train.checkpoint import latest_checkpoint, load_model
+from conftest import MICRO, assert_same_run, losses, train, zhilu
+from zhilu.train.checkpoint import latest_checkpoint
 
 STEPS = ["--steps", "10", "--global-batch", "8"]
-RTOL = 1e-5
 
 
-def train(out: Path, *extra: str, env: dict[str, str] | None = None) -> Path:
-    result = zhilu("train", *MICRO, *STEPS, "--out", str(out), *extra, env=env)
-    assert result.returncode == 0, result.stderr
-    return out
+def run(out: Path, *args: str, env: dict[str, str] | None = None) -> Path:
+    return train(out, *STEPS, *args, env=env)
 
 
-def final_params(out: Path) -> dict[str, torch.Tensor]:
-    model = build_model(preset("gpt-tiny", n_layers=2, hidden=64, n_heads=4, ffn_hidden=128), seed=123)
-    load_model(latest_checkpoint(out), model)
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def assert_same_run(run: Path, reference: Path) -> None:
-    got, want = losses(run), losses(reference)
-    assert len(got) == len(want) == 10
-    assert torch.allclose(torch.tensor(got, dtype=torch.float64), torch.tensor(want, dtype=torch.float64), rtol=RTOL, atol=0)
-    params, ref_params = final_params(run), final_params(reference)
-    assert params.keys() == ref_params.keys()
-    for name, p in params.items():
-        torch.testing.assert_close(p, ref_params[name], rtol=RTOL, atol=1e-6, msg=name)
+def assert_same(run_dir: Path, reference: Path) -> None:
+    assert_same_run(run_dir, reference, steps=10, n_layers=2)
 
 
 @pytest.fixture(scope="module")
 def single_process(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return train(tmp_path_factory.mktemp("single") / "run")
+    return run(tmp_path_factory.mktemp("single") / "run")
 
 
 @pytest.mark.parametrize(
@@ -54,19 +37,17 @@ def single_process(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ids=["ddp", "zero1-accumulate", "zero2", "zero3", "ddp-accumulate"],
 )
 def test_two_ranks_match_one_process(plan: str, single_process: Path, tmp_path: Path) -> None:
-    run = train(tmp_path / "run", "--nproc", "2", "--plan", plan)
-    assert_same_run(run, single_process)
+    assert_same(run(tmp_path / "run", "--nproc", "2", "--plan", plan), single_process)
 
 
 def test_gradient_accumulation_equals_the_larger_batch(single_process: Path, tmp_path: Path) -> None:
-    run = train(tmp_path / "run", "--plan", "mb=4")
-    assert_same_run(run, single_process)
+    assert_same(run(tmp_path / "run", "--plan", "mb=4"), single_process)
 
 
 def test_losses_fall_and_differ_by_seed(single_process: Path, tmp_path: Path) -> None:
     trace = losses(single_process)
     assert trace[-1] < trace[0] - 0.25
-    other = losses(train(tmp_path / "run", "--seed", "1"))
+    other = losses(run(tmp_path / "run", "--seed", "1"))
     assert other != trace
 
 
@@ -77,14 +58,12 @@ def test_resume_after_a_crash_continues_the_same_trajectory(single_process: Path
     assert crashed.returncode == 1
     assert "simulated crash" in crashed.stderr
     assert latest_checkpoint(out).name == "step-00000005"
-    train(out, "--checkpoint-every", "5", "--resume")
-    assert_same_run(out, single_process)
+    run(out, "--checkpoint-every", "5", "--resume")
+    assert_same(out, single_process)
 
 
 def test_restart_after_a_crash_on_two_ranks(single_process: Path, tmp_path: Path) -> None:
-    run = train(tmp_path / "run", "--nproc", "2", "--checkpoint-every", "3", "--max-restarts", "1",
-                env={"ZHILU_FAIL_AT_STEP": "5"})
-    assert_same_run(run, single_process)
-    import json
-
-    assert json.loads((run / "summary.json").read_text())["restarts"] == 1
+    out = run(tmp_path / "run", "--nproc", "2", "--checkpoint-every", "3", "--max-restarts", "1",
+              env={"ZHILU_FAIL_AT_STEP": "5"})
+    assert_same(out, single_process)
+    assert json.loads((out / "summary.json").read_text())["restarts"] == 1

@@ -1,7 +1,8 @@
 """Data parallelism: DDP replicas (zero=0) or ZeRO stages 1-3 through FSDP2 ``fully_shard``.
 
-With tensor parallelism the parameters are DTensors, which DDP does not take: zero=0 then
-replicates with FSDP2's ``replicate`` (gradients all-reduced over the dp dimension). With
+With tensor or pipeline parallelism, zero=0 replicates with FSDP2's ``replicate``
+(gradients all-reduced over the dp dimension): DDP takes no DTensor parameters, and DDP
+around a pipeline stage can hang when a rank runs as many micro-batches as stages. With
 model averaging (``avg_every``) the replicas are left alone: they synchronise by averaging
 parameters, not gradients (:mod:`zhilu.parallel.local_sgd`).
 
@@ -35,7 +36,7 @@ def apply_data_parallel(model: nn.Module, plan: Plan, env: ParallelEnv) -> nn.Mo
     """Wrap ``model`` for the plan's dp axis; a no-op when dp == 1."""
     if plan.dp == 1 or plan.avg_every:
         return model
-    if plan.zero == 0 and plan.tp > 1:
+    if plan.zero == 0 and (plan.tp > 1 or plan.pp > 1):
         from torch.distributed._composable.replicate_with_fsdp import replicate
 
         return replicate(model, mesh=env.mesh["dp"])  # type: ignore[index]

@@ -198,6 +198,7 @@ class Trainer:
             "final_val_loss": val_loss,
             "wall_s": time.perf_counter() - wall_start,
             "restarts": self.restarts,
+            "memory_mib_per_rank": getattr(self, "memory_mib", None),  # None when resumed past step 1
             "sample": sample,
         }
         _write_json(self.run_dir / "summary.json", summary)
@@ -263,10 +264,12 @@ class Trainer:
         if dist.is_initialized():
             rows = [torch.zeros_like(held) for _ in range(self.env.world_size)]
             dist.all_gather(rows, held)
+        keys = ("params", "grads", "optimizer", "peak")
+        self.memory_mib = [dict(zip(keys, (v / 2**20 for v in row.tolist()))) for row in rows]
         progress.print("memory per rank after step 1 (MiB): params / grads / optimizer / peak " +
                        ("RSS" if self.device.type == "cpu" else "allocated"))
-        for rank, row in enumerate(rows):
-            progress.print(f"  rank {rank}: " + " / ".join(f"{v / 2**20:,.1f}" for v in row.tolist()))
+        for rank, row in enumerate(self.memory_mib):
+            progress.print(f"  rank {rank}: " + " / ".join(f"{row[k]:,.1f}" for k in keys))
 
     def _record(self, step: int, loss: float, step_time: float) -> dict[str, Any]:
         tokens_per_s = self.tokens_per_step / step_time
