@@ -50,7 +50,8 @@ def apply_data_parallel(model: nn.Module, plan: Plan, env: ParallelEnv) -> nn.Mo
         )
         return DistributedDataParallel(model, device_ids=device_ids, process_group=env.dp_group, **no_buffer_sync)
     mesh = env.mesh["dp"]  # type: ignore[index]
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if env.device.type == "cuda" else MixedPrecisionPolicy()
+    on_cuda = env.device.type == "cuda"  # gather bf16 parameters, reduce fp32 gradients
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if on_cuda else MixedPrecisionPolicy()
     reshard = plan.zero == 3
     for block in model.layers.values():  # type: ignore[union-attr]
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
@@ -73,8 +74,8 @@ def gradient_sync(model: nn.Module, plan: Plan, last_micro_batch: bool) -> Itera
 
 
 def reshard(model: nn.Module) -> None:
-    """Free parameters that a forward without backward (evaluation, sampling) left all-gathered
-    under zero=1/2, so that the model's parameters are the optimizer's shards again."""
+    """Free parameters that a forward without backward (evaluation) left all-gathered under
+    zero=1/2, so that the model's parameters are the optimizer's shards again."""
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()

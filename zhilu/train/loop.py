@@ -4,10 +4,11 @@
     zhilu train --nproc 2 --plan dp=2,zero=3      # two local processes, ZeRO-3
     torchrun --nproc-per-node 2 -m zhilu train    # the same under torchrun
 
-Order of construction, fixed: process group and mesh -> model on its device (same seed on
-every rank) -> torch.compile per block -> data parallelism (DDP or FSDP2) -> optimizer ->
-checkpoint restore. Losses are the mean over the global batch, so every plan reports what
-one process with the same global batch would.
+Order of construction, fixed: process group and mesh -> the parts of the model this rank
+runs, parallelised (pipeline stages; tensor parallel -> recompute -> compile -> DDP/FSDP2,
+see zhilu/parallel/apply.py) -> one AdamW per part -> checkpoint restore. Losses are the
+mean over the global batch, so every plan reports what one process with the same global
+batch would.
 """
 
 from __future__ import annotations
@@ -104,7 +105,8 @@ class Trainer:
             set_lr(opt, lr)
         with self.loss_context():
             if self.pm.pipeline is not None:
-                loss = self.pm.pipeline.step(inputs, targets)
+                with self.autocast:
+                    loss = self.pm.pipeline.step(inputs, targets)
                 total = loss if loss is not None else torch.zeros((), device=self.device)
             else:
                 total = self._accumulate(inputs, targets)
