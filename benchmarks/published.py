@@ -38,23 +38,28 @@ DEFAULT_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "publis
 # norm), explicit attention with dropout, fp16 gradients all-reduced after backward by its
 # "local" DDP (--DDP-impl local, the default then: no overlap).
 MEGATRON_2020 = Software("Megatron-LM 2020", fused_kernels=True, flash_attention=False, dp_overlap=False,
-                         grad_reduce_bytes=2, p2p_scatter_gather=True)
+                         grad_reduce_bytes=2, p2p_scatter_gather=True, fused_projections=True)
 # Megatron-LM 2022 (Korthikanti et al.): the same kernels, fp32 gradient accumulation, blocking
 # pipeline transfers that send 1/tp of an activation and all-gather it over NVLink (its default
 # scatter-gather optimisation), no data parallelism in the runs.
 MEGATRON_2022 = Software("Megatron-LM 2022", fused_kernels=True, flash_attention=False, dp_overlap=False,
-                         p2p_scatter_gather=True)
+                         p2p_scatter_gather=True, fused_projections=True)
 # Megatron-Core r0.8 (2024): Transformer Engine kernels and fused attention, and "DP/TP/PP
-# communication overlap on" (its README).
-MEGATRON_CORE = Software("Megatron-Core 0.8", fused_kernels=True, tp_overlap=True, pp_overlap=True)
+# communication overlap on" (its README). Its DistributedDataParallel groups gradients in buckets of
+# max(40M, 1M x dp) parameters (megatron/core/distributed/distributed_data_parallel.py, bucket_size).
+MEGATRON_CORE = Software("Megatron-Core 0.8", fused_kernels=True, tp_overlap=True, pp_overlap=True,
+                         fused_projections=True, bucket_params=40_000_000, bucket_params_per_dp=1_000_000)
 # torchtitan (2024): eager PyTorch with SDPA flash attention and FSDP2 prefetch; reduce in fp32.
 # "selective op" is PyTorch's per-op policy, "selective layer" checkpoints every second layer.
-TORCHTITAN = Software("torchtitan", selective="ops")
+# Its optimizer is PyTorch's AdamW with foreach=True (job config optimizer.fused defaults to False).
+# FSDP2 units: each layer, and the root module (embedding, final norm, output layer: apply_fsdp,
+# fully_shard(model, ...)); from 2025 the embedding and the output layer are units of their own.
+TORCHTITAN = Software("torchtitan", selective="ops", foreach_adamw=True, fsdp_output_with_embedding=True)
 TORCHTITAN_LAYER = replace(TORCHTITAN, selective="alternate")
 TORCHTITAN_COMPILE = replace(TORCHTITAN, fused_kernels=True)  # torch.compile fuses the elementwise ops
 # Llama 3 (Meta 2024): 4D parallelism with its own fused kernels, asynchronous pipeline
 # transfers and overlapped FSDP-style data parallelism (paper, Sec. 3.3).
-LLAMA3 = Software("Llama 3 training stack", fused_kernels=True, pp_overlap=True)
+LLAMA3 = Software("Llama 3 training stack", fused_kernels=True, pp_overlap=True, fused_projections=True)
 
 # Grand Teton H100 (torchtitan's hosts): HBM2e 96 GB at 2.4 TB/s, power limited to 500 W, 400 Gb/s
 # RDMA per GPU. The SMs' dynamic power goes as f^3 (voltage follows frequency); about 150 W of a
@@ -185,7 +190,8 @@ def step_rows(root: Path) -> list[Row]:
             rows.append(Row("torchtitan async-TP", label, published, note="not modelled: float8 matmuls"))
             continue
         rec, sw = ac[r["ac"]]
-        sw = replace(sw, fused_kernels=True, tp_overlap=r["tp_type"] == "async")  # all runs torch.compile
+        # all runs torch.compile; torchtitan of 2025 wraps the embedding and the output layer apart
+        sw = replace(sw, fused_kernels=True, tp_overlap=r["tp_type"] == "async", fsdp_output_with_embedding=False)
         t = predict(llama(r["model"], 8192), GRAND_TETON.sized(gpus), b * dp, sw, dp=dp, tp=tp, pp=1, zero=3,
                     micro_batch=b, schedule="1f1b", recompute=rec, sequence_parallel=True)
         rows.append(Row("torchtitan async-TP", label, published, t))

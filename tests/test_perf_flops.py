@@ -84,3 +84,13 @@ def test_a_bad_shape_is_a_user_error():
     with pytest.raises(ZhiluError) as e:
         Transformer(GPTConfig(n_layers=2, hidden=100, n_heads=3, ffn_hidden=64), 128)
     assert e.value.field == "model.n_heads"
+
+
+def test_one_product_per_weight_has_the_flops_of_the_fused_products():
+    llama = Transformer(preset("llama3-8b"), 4096)  # 32 heads, 8 kv-heads of 128
+    for tp in (1, 8):
+        fused, apart = llama.gemm_groups(tp, fused=True), llama.gemm_groups(tp, fused=False)
+        assert [sum(n * k for n, k in g) for g in fused] == [sum(n * k for n, k in g) for g in apart]
+    qkv, _, up, _ = llama.gemm_groups(8, fused=False)
+    assert qkv == ((4096 // 8, 4096), (1024 // 8, 4096), (1024 // 8, 4096))  # wq, wk, wv
+    assert up == ((14336 // 8, 4096),) * 2  # w1, w3

@@ -25,10 +25,20 @@ def test_a_large_product_runs_at_the_sustained_rate_plus_its_output_store():
 def test_efficiency_falls_with_a_short_reduction_and_a_small_output():
     big = 2 * 4096 ** 3 / DEV.gemm_seconds(4096, 4096, 4096)
     short_k = 2 * 4096 * 4096 * 256 / DEV.gemm_seconds(4096, 4096, 256)
-    tiny = 2 * 128 * 128 * 4096 / DEV.gemm_seconds(128, 128, 4096)  # one output tile for four units
+    tiny = 2 * 128 * 128 * 512 / DEV.gemm_seconds(128, 128, 512)  # one output tile for four units
     assert big > short_k and big > tiny
-    # one 128 x 256 output tile keeps one of the four units busy
-    assert tiny == pytest.approx(2 * 128 * 128 * 4096 / (2 * 128 * 128 * 4096 / 12.5e12 + 4 * 128 * 128 / 1e12))
+    # one 128 x 256 output tile keeps one of the four units busy: too short a reduction to split
+    assert tiny == pytest.approx(2 * 128 * 128 * 512 / (2 * 128 * 128 * 512 / 12.5e12 + 4 * 128 * 128 / 1e12))
+
+
+def test_a_small_output_with_a_long_reduction_is_split_over_the_units():
+    assert hardware.k_splits(128, 128, 4096, 1, 4) == 4  # fills the four units (512 or more of k each)
+    assert hardware.k_splits(128, 128, 1024, 1, 4) == 2  # at least 512 of the reduction per split
+    assert hardware.k_splits(4096, 4096, 8192, 1, 132) == 1  # 512 tiles fill the device
+    flops = 2 * 128 * 128 * 4096
+    # all four units busy, the output stored, and four fp32 partial tiles written and read back
+    expected = flops / 50e12 + 4 * 128 * 128 / 1e12 + 2 * 4 * 128 * 128 * 4 / 1e12
+    assert DEV.gemm_seconds(128, 128, 4096) == pytest.approx(expected)
 
 
 def test_a_product_runs_in_whole_waves_of_tiles():
@@ -66,6 +76,13 @@ def test_attention_rate_grows_with_sequence_and_head_size():
     assert h200.attention_tflops(4096, 128) == pytest.approx(479.1 / 2, rel=1e-6)
     assert h200.attention_tflops(8192, 128) > h200.attention_tflops(2048, 128) > h200.attention_tflops(2048, 64)
     assert PRESETS["v100-32gb"].device.attention_tflops(2048, 128) is None  # no fused kernel
+
+
+def test_the_attention_fit_is_not_extrapolated_to_higher_rates():
+    h200 = PRESETS["h200"].device  # measured up to 4096 and head size 128
+    edge = h200.attention_tflops(4096, 128)
+    assert h200.attention_tflops(8192, 128) == h200.attention_tflops(32768, 256) == edge
+    assert h200.attention_tflops(1024, 128) < h200.attention_tflops(2048, 128) < edge  # the fit applies below
 
 
 def test_synchronous_jobs_run_at_the_slowest_device():

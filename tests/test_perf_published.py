@@ -17,7 +17,6 @@ spec.loader.exec_module(published)
 pytestmark = pytest.mark.skipif(not published.DEFAULT_DIR.is_dir(), reason="shared/published is not here")
 
 
-@pytest.mark.xfail(strict=True, reason="not met yet: median 6.0%, max 16.9% (docs/perf_model.md, section 9)")
 def test_step_time_errors_meet_the_targets():
     med, worst, n = published.summary(published.step_rows(published.DEFAULT_DIR))
     assert n >= 40
@@ -25,8 +24,9 @@ def test_step_time_errors_meet_the_targets():
 
 
 def test_step_time_errors_do_not_regress():
+    # median 4.6%, max 12.3% when last measured (docs/perf_model.md, section 9)
     med, worst, _ = published.summary(published.step_rows(published.DEFAULT_DIR))
-    assert med <= 0.061 and worst <= 0.17, f"median {med:.1%}, max {worst:.1%}"
+    assert med <= 0.047 and worst <= 0.124, f"median {med:.1%}, max {worst:.1%}"
 
 
 def test_memory_errors_meet_the_target():

@@ -129,3 +129,42 @@ def test_heads_not_divisible_by_tp():
 def test_plan_spec_for_zhilu_train():
     e = steps().evaluate(Plan(2, 2, 2, 1, 1, "interleaved", 4, "selective", True))
     assert e.plan_spec() == "dp=2,tp=2,pp=2,zero=1,mb=32,recompute=selective,schedule=interleaved,vstages=4,sp=true"
+
+
+def test_foreach_adamw_moves_92_bytes_per_parameter_where_fused_moves_42():
+    from dataclasses import replace
+    from zhilu.perf.step import FOREACH_ADAMW_BYTES, OPTIMIZER_BYTES, ZHILU
+    plan = Plan(8, 1, 1, zero=3, micro_batch=2)
+    fused = steps().evaluate(plan).breakdown["optimizer"]
+    foreach = StepModel(LLAMA, PRESETS["h100-sxm"].sized(8), 64, replace(ZHILU, foreach_adamw=True)).evaluate(plan)
+    assert FOREACH_ADAMW_BYTES == 92 and OPTIMIZER_BYTES["bf16"] == 42
+    assert foreach.breakdown["optimizer"] == pytest.approx(fused * 92 / 42)
+
+
+def test_fsdp_exposes_the_embedding_gather_and_its_last_reduce_scatter():
+    from dataclasses import replace
+    from zhilu.perf.comm import collective_seconds
+    from zhilu.perf.step import ZHILU
+    cluster = PRESETS["h100-sxm"].sized(8)
+    plan = Plan(8, 1, 1, zero=3, micro_batch=2)
+    for together, blocks in ((False, 1), (True, 2)):  # torchtitan's root unit holds the output layer too
+        table = blocks * LLAMA.vocab * LLAMA.hidden
+        once = collective_seconds("all_gather", table * 2, 8, 8, cluster) + collective_seconds(
+            "reduce_scatter", table * 4, 8, 8, cluster)
+        s = StepModel(LLAMA, cluster, 64, replace(ZHILU, fsdp_output_with_embedding=together))
+        layer = s.layer(1, False, 2, "none", "bf16")
+        _, _, first = s._zero3_seconds(plan, layer, 8, cluster.intra.compute_share)
+        assert first == pytest.approx(once)
+
+
+def test_overlapped_tensor_parallel_products_run_in_chunks_of_t_rows():
+    from dataclasses import replace
+    from zhilu.perf.step import ZHILU
+    cluster = PRESETS["h100-sxm"].sized(8)
+    plain = StepModel(LLAMA, cluster, 8, ZHILU).layer(8, True, 1, "none", "bf16")
+    overlap = StepModel(LLAMA, cluster, 8, replace(ZHILU, tp_overlap=True)).layer(8, True, 1, "none", "bf16")
+    dev = StepModel(LLAMA, cluster, 8, ZHILU).device
+    chunked = sum(8 * dev.gemm_seconds(4096 // 8, n, k) for g in LLAMA.gemm_groups(8, False) for n, k in g)
+    whole = sum(dev.gemm_seconds(4096, n, k) for g in LLAMA.gemm_groups(8, False) for n, k in g)
+    assert chunked > whole  # a chunk of 512 rows fills fewer waves
+    assert overlap.forward - plain.forward == pytest.approx(chunked - whole)

@@ -20,7 +20,7 @@ TRAIN_FLAGS: dict[str, tuple[str, str]] = {
     "--nproc": ("launch.nproc", "local processes (default: 1 on CPU, one per GPU)"),
     "--plan": ("parallel.plan", "key=value list of dp, tp, pp, zero, mb, schedule, vstages, sp, recompute, "
                "avg_every, e.g. dp=2,tp=2,zero=3 (default: dp over all processes)"),
-    "--steps": ("train.steps", "optimizer steps (default 300)"),
+    "--steps": ("train.steps", "optimizer steps (default 250)"),
     "--global-batch": ("train.global_batch", "sequences per step over all replicas (default 16)"),
     "--seq-len": ("train.seq_len", "tokens per sequence (default: the model's, 256 for gpt-tiny)"),
     "--seed": ("train.seed", "random seed (default 0)"),

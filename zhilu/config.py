@@ -43,7 +43,7 @@ class DataSection:
 
 @dataclass
 class TrainSection:
-    steps: int = 300
+    steps: int = 250
     global_batch: int = 16  # sequences per optimizer step, over all data-parallel replicas
     seq_len: int = 0  # 0 = the model's max_seq_len
     lr: float = 3e-3

@@ -34,10 +34,23 @@ BYTES = {"bf16": 2, "fp32": 4}
 _TILE_M, _TILE_N = 128, 256
 
 
+# A product whose output tiles cannot fill the device is split along its reduction (cuBLAS's split-K
+# and, on Hopper, stream-K kernels), each split keeping at least this much of it (8 of the main
+# loop's 64-deep k-blocks), the partial fp32 tiles summed afterwards.
+_SPLIT_K_MIN = 512
+
+
 def wave_fill(m: int, n: int, count: int, compute_units: int) -> float:
     """Fraction of the compute units a product keeps busy: its tiles over its whole waves of tiles."""
     tiles = math.ceil(m / _TILE_M) * math.ceil(n / _TILE_N) * count
     return tiles / (math.ceil(tiles / compute_units) * compute_units)
+
+
+def k_splits(m: int, n: int, k: int, count: int, compute_units: int) -> int:
+    """Ways a product's reduction is split: as many as fill the units its output tiles leave idle
+    (1 when the tiles fill a wave), each split at least ``_SPLIT_K_MIN`` long."""
+    tiles = math.ceil(m / _TILE_M) * math.ceil(n / _TILE_N) * count
+    return max(1, min(compute_units // tiles, k // _SPLIT_K_MIN))
 
 
 @dataclass(frozen=True)
@@ -117,14 +130,18 @@ class Device:
         store and the pipeline fill are not hidden: ``time = flops / (rate * fill) +
         2 * output_bytes / bandwidth``, with ``fill`` the busy share of the last wave of tiles
         (:func:`wave_fill`). Efficiency therefore falls with a short reduction dimension ``k``
-        and with an output too small to fill the device. A product whose operands alone take
-        longer to read is memory-bound.
+        and with an output too small to fill the device, unless a long reduction lets it be
+        split (:func:`k_splits`). A product whose operands alone take longer to read is
+        memory-bound.
         """
         eb = BYTES[precision]
         flops = 2.0 * m * n * k * count
-        fill = wave_fill(m, n, count, self.compute_units)
+        splits = k_splits(m, n, k, count, self.compute_units)
+        fill = wave_fill(m, n, count * splits, self.compute_units)
         bw = self.memory_bandwidth_gbps * 1e9
         compute = flops / (self.matmul_tflops[precision] * 1e12 * fill) + 2.0 * eb * m * n * count / bw
+        if splits > 1:  # the partial tiles, fp32, written and read back to be summed
+            compute += 2.0 * 4 * m * n * count * splits / bw
         memory = eb * (m * k + k * n + m * n) * count / bw
         return max(compute, memory)
 
@@ -141,11 +158,19 @@ class Device:
 
         ``1 / rate = a + b / seq_len + c / head_dim``: a per-block cost (softmax, masking,
         the causal diagonal) adds to the tensor-core time, and it is amortised over longer
-        sequences and larger heads.
+        sequences and larger heads. The fit is not extrapolated towards higher rates: beyond
+        the longest measured sequence and the largest measured head the rate is held at its
+        edge. A flash kernel's rate saturates once its per-block costs are amortised
+        (FlashAttention-2 paper, Fig. 4, A100, causal, d=128: 166 TFLOP/s at 2k, 189 at 8k,
+        14% for a fourfold sequence), whereas a ``1/s`` term fitted to two close points keeps
+        climbing past them (the H200 file's 2k and 4k points would put 8k at 287 TFLOP/s, 20%
+        above 4k). Below the measured range the overhead is real and the fit applies.
         """
         if self._attention_fit is None:
             return None
         a, b, c = self._attention_fit
+        seq_len = min(seq_len, max(p.seq_len for p in self.attention))
+        head_dim = min(head_dim, max(p.head_dim for p in self.attention))
         return 1.0 / (a + b / seq_len + c / head_dim)
 
 
@@ -165,8 +190,11 @@ def fit_matmul_tflops(points: tuple[MatmulPoint, ...], memory_bandwidth_gbps: fl
         flops = 2.0 * p.m * p.n * p.k
         seconds = flops / (p.tflops * 1e12)
         busy = seconds - 2.0 * eb * p.m * p.n / bw
+        splits = k_splits(p.m, p.n, p.k, 1, compute_units)
+        if splits > 1:
+            busy -= 2.0 * 4 * p.m * p.n * splits / bw
         if seconds > 4 * launch_us * 1e-6 and busy > 0.5 * seconds:
-            rates.append(flops / busy / wave_fill(p.m, p.n, 1, compute_units) / 1e12)
+            rates.append(flops / busy / wave_fill(p.m, p.n, splits, compute_units) / 1e12)
     if not rates:
         raise ZhiluError("hardware.device.matmul", f"no {precision} product above the launch floor to fit a rate to")
     return median(rates)
@@ -472,5 +500,5 @@ def _fraction(d: dict[str, Any], key: str, where: str) -> float:
 
 
 __all__ = ["AttentionPoint", "BYTES", "COPY_EFFICIENCY", "Cluster", "Device", "Link", "MatmulPoint", "PRECISIONS",
-           "PRESETS", "cluster", "dump", "fit_attention", "fit_matmul_tflops", "from_dict", "load", "save", "to_dict",
-           "wave_fill"]
+           "PRESETS", "cluster", "dump", "fit_attention", "fit_matmul_tflops", "from_dict", "k_splits", "load", "save",
+           "to_dict", "wave_fill"]

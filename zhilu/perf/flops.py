@@ -88,6 +88,21 @@ class Transformer:
         up = (2 if self.gated_mlp else 1) * self.ffn // tp
         return (qkv, h), (h, self.heads * d // tp), (up, h), (h, self.ffn // tp)
 
+    def gemm_groups(self, tp: int, fused: bool = True) -> tuple[tuple[tuple[int, int], ...], ...]:
+        """The products of :meth:`gemms` as the software runs them: ``(qkv, output, up, down)``.
+
+        ``fused``: one product for q, k and v and one for the gate and up matrices (Megatron's
+        ``linear_qkv`` and ``linear_fc1``); else one per weight (torchtitan's and zhilu's Llama:
+        ``wq``, ``wk``, ``wv``; ``w1``, ``w3``). The FLOPs are the same, but a narrow ``wk``/``wv``
+        fills fewer waves of output tiles (its weight gradient is only ``kv_heads * d / tp`` rows).
+        """
+        if fused:
+            return tuple((g,) for g in self.gemms(tp))
+        h, d = self.hidden, self.head_dim
+        q, kv = self.heads * d // tp, self.kv_heads * d // tp
+        up = ((self.ffn // tp, h),) * (2 if self.gated_mlp else 1)
+        return ((q, h), (kv, h), (kv, h)), ((h, q),), up, ((h, self.ffn // tp),)
+
     def attention_flops(self, micro_batch: int, tp: int) -> float:
         """FLOPs a causal flash-attention forward executes per layer and device.
 

@@ -27,6 +27,13 @@ BREAKDOWN = ("compute", "recompute", "tp_comm", "pp_comm", "dp_comm_exposed", "b
 # in fp32 and writes three (28), the gradient norm for clipping reads the gradients (4), zeroing
 # them writes (4); mixed precision then casts the fp32 master to the bf16 weight (6).
 OPTIMIZER_BYTES = {"bf16": 42, "fp32": 36}
+# PyTorch's default (foreach, not fused) AdamW runs one multi-tensor kernel per op over the fp32
+# shards (torch/optim/adamw.py, _multi_tensor_adamw): weight decay mul_ (r4 w4), lerp_ of the
+# first moment (r8 w4), mul_ and addcmul_ of the second (r4 w4, r8 w4), sqrt, div_, add_ eps
+# (r4 w4 each, into a temporary), addcdiv_ into the weight (r12 w4): 80 bytes; clip_grad_norm_
+# (foreach) reads the gradients for the norm and scales them (r4, r4 w4): 12. FSDP2's sharded
+# weights are the fp32 master, cast to bf16 by its all-gather, so no cast here.
+FOREACH_ADAMW_BYTES = 92
 CROSS_ENTROPY_BYTES = 48  # per logit, forward and backward (see _end_costs)
 
 
@@ -41,7 +48,10 @@ class Software:
     policy as in torchtitan: elementwise ops and every second product) or ``alternate``
     (every second layer in full). ``*_overlap``: tensor-parallel collectives run under the
     products (Megatron-Core, async TP), gradient/parameter traffic under backward/forward
-    (DDP buckets, FSDP prefetch), pipeline transfers under compute.
+    (DDP buckets, FSDP prefetch), pipeline transfers under compute. ``fused_projections``:
+    q, k, v as one product and gate, up as one (Megatron's ``linear_qkv``, ``linear_fc1``),
+    else one product per weight (torchtitan's and zhilu's Llama). ``foreach_adamw``: PyTorch's
+    default multi-tensor AdamW instead of a fused one. Buckets and FSDP units: see the fields.
     """
 
     name: str
@@ -54,6 +64,15 @@ class Software:
     grad_reduce_bytes: int = 4  # gradients are reduced in fp32 (2: in bf16/fp16)
     p2p_scatter_gather: bool = False  # pipeline sends 1/tp of an activation and all-gathers it (Megatron-LM)
     bucket_mb: float = 25.0  # PyTorch DDP's bucket_cap_mb: the last bucket's reduction is exposed
+    # Buckets counted in parameters instead, max(bucket_params, bucket_params_per_dp * dp) of them
+    # (Megatron-Core's DistributedDataParallel); 0: bucket_mb applies.
+    bucket_params: int = 0
+    bucket_params_per_dp: int = 0
+    # FSDP: the output layer shares the embedding's unit (torchtitan until 2025 wraps both in the
+    # root module), so the first gather and the last reduce-scatter carry both tables
+    fsdp_output_with_embedding: bool = False
+    fused_projections: bool = False  # q, k, v in one product and gate, up in one (Megatron); else one per weight
+    foreach_adamw: bool = False  # PyTorch's default multi-tensor AdamW (FOREACH_ADAMW_BYTES), not a fused kernel
 
 
 # zhilu's own runtime: eager PyTorch, SDPA flash attention, DDP buckets and FSDP2 prefetch
@@ -171,9 +190,18 @@ class StepModel:
         m, dev, sw = self.model, self.device, self.software
         eb, s, d = BYTES[precision], m.seq_len, m.head_dim
         tokens = b * s
-        gemm = dev.gemm_seconds
-        g_fwd = [gemm(tokens, n, k, precision) for n, k in m.gemms(tp)]  # qkv, output, up, down
-        g_bwd = [gemm(tokens, k, n, precision) + gemm(k, n, tokens, precision) for n, k in m.gemms(tp)]
+        groups = m.gemm_groups(tp, sw.fused_projections)  # qkv, output, up, down
+        # Overlapped tensor parallelism (Megatron-Core's tp-comm-overlap, PyTorch's async TP) runs
+        # each product a collective feeds or drains as tp products of tokens/tp rows, one per
+        # chunk of the collective: the forward products and the backward input-gradient ones
+        # (the weight gradients reduce over all tokens at once). Each chunk fills its own waves.
+        chunks = tp if sw.tp_overlap and sp and tp > 1 and tokens % tp == 0 else 1
+
+        def gemm(rows: int, n: int, k: int, split: int = 1) -> float:
+            return split * dev.gemm_seconds(rows // split, n, k, precision)
+
+        g_fwd = [sum(gemm(tokens, n, k, chunks) for n, k in g) for g in groups]
+        g_bwd = [sum(gemm(tokens, k, n, chunks) + gemm(k, n, tokens) for n, k in g) for g in groups]
         fwd, bwd = sum(g_fwd), sum(g_bwd)
         rate = dev.attention_tflops(s, d) if sw.flash_attention else None
         if rate and precision != "bf16":  # the fused kernel (memory-efficient SDPA) at this precision's rate
@@ -185,8 +213,9 @@ class StepModel:
             elements, f_bytes, b_bytes = m.unfused_attention(b, tp)
             heads = b * m.heads // tp
             scale = dev.memory_seconds(elements * eb / 2)
-            att_f = gemm(s, s, d, precision, heads) + gemm(s, d, s, precision, heads) + f_bytes * scale
-            att_b = gemm(s, s, d, precision, heads) + 3 * gemm(s, d, s, precision, heads) + b_bytes * scale
+            batched = dev.gemm_seconds
+            att_f = batched(s, s, d, precision, heads) + batched(s, d, s, precision, heads) + f_bytes * scale
+            att_b = batched(s, s, d, precision, heads) + 3 * batched(s, d, s, precision, heads) + b_bytes * scale
             att_kernels = 4 + 2 * m.dropout + 6 + 2 * m.dropout
         f_tok, b_tok, k_f, k_b = m.memory_bound_ops(sw.fused_kernels, tp, sp)
         elem_f = dev.memory_seconds(tokens * f_tok * eb / 2)
@@ -362,15 +391,15 @@ class StepModel:
         dp_per_node, pp_across = members_per_node(tp, dp, c.devices_per_node)
         # a collective hidden under compute still takes the SMs it runs on (Link.compute_share)
         share = (c.intra if dp_per_node == dp else c.inter).compute_share
-        z3, z3_once = self._zero3_seconds(plan, layer, dp_per_node, share)
+        z3, z3_once, z3_first = self._zero3_seconds(plan, layer, dp_per_node, share)
         pp_time = self._p2p_seconds(plan, sp, pp_across)
         per_layer = layer.compute + layer.recompute + layer.tp + layer.other + z3
         ends_first = head.compute + head.tp + head.other
         ends_last = tail.compute + tail.tp + tail.other
         if pp == 1:
-            t_first = t_mid = t_last = m.layers * per_layer + ends_first + ends_last + z3_once
+            t_first = t_mid = t_last = m.layers * per_layer + ends_first + ends_last + z3_first
         else:
-            t_first = n_first * per_layer + pp_time + ends_first + z3_once
+            t_first = n_first * per_layer + pp_time + ends_first + z3_first
             t_mid = n_mid * per_layer + pp_time + z3_once
             t_last = n_last * per_layer + pp_time + ends_last + z3_once
         pipe = pipeline_seconds(t_first, t_mid, t_last, pp, micro_batches, v)
@@ -380,7 +409,8 @@ class StepModel:
         stage_weights = max(params)
         dp_time = self._dp_seconds(plan, stage_weights, layer, n_slow, dp_per_node, share)
         local = stage_weights / dp if plan.zero >= 1 else stage_weights
-        optimizer = self.device.memory_seconds(local * OPTIMIZER_BYTES[plan.precision])
+        per_param = FOREACH_ADAMW_BYTES if self.software.foreach_adamw else OPTIMIZER_BYTES[plan.precision]
+        optimizer = self.device.memory_seconds(local * per_param)
         step = pipe + dp_time + optimizer
 
         mb = micro_batches
@@ -389,7 +419,7 @@ class StepModel:
             "recompute": mb * n_slow * layer.recompute,
             "tp_comm": mb * (n_slow * layer.tp + head.tp * on_first + tail.tp * on_last),
             "pp_comm": mb * pp_time,
-            "dp_comm_exposed": dp_time + mb * (n_slow * z3 + z3_once),
+            "dp_comm_exposed": dp_time + mb * (n_slow * z3 + (z3_first if on_first else z3_once)),
             "bubble": pipe - mb * slowest,
             "optimizer": optimizer,
             "other": mb * (n_slow * layer.other + head.other * on_first + tail.other * on_last),
@@ -401,28 +431,38 @@ class StepModel:
                         fits=memory.total <= self.device.memory_gib * GIB, tokens_per_s=tokens / step,
                         model_tflops_per_gpu=flops / 1e12, mfu=flops / (self.device.peak_tflops[plan.precision] * 1e12))
 
-    def _zero3_seconds(self, plan: Plan, layer: LayerCost, dp_per_node: int, share: float) -> tuple[float, float]:
-        """ZeRO-3 per layer and once per micro-batch and stage.
+    def _zero3_seconds(self, plan: Plan, layer: LayerCost, dp_per_node: int,
+                       share: float) -> tuple[float, float, float]:
+        """ZeRO-3 per layer, and once per micro-batch on a stage without and with the embedding.
 
         Each layer's weights are all-gathered in forward and again in backward and its gradients
         reduce-scattered, every micro-batch; prefetch hides what the neighbouring layer's compute
-        covers, the first gather and the last reduce-scatter excepted. FSDP also copies every
-        gathered buffer out into the weights and the gradients in, cast to the reduce type, on
-        the compute stream.
+        covers, the first gather and the last reduce-scatter excepted. On the stage that holds the
+        embedding those two are the embedding table's: it runs first, so its gather has no compute
+        to hide under, and its gradient is the last one backward produces, so its reduce-scatter
+        has none either (FSDP1 and FSDP2 alike; where the output layer is in the same unit, as in
+        torchtitan's root module until 2025, both tables). FSDP2 keeps the root unit gathered
+        from forward to backward. FSDP also copies every gathered buffer out into the weights
+        and the gradients in, cast to the reduce type, on the compute stream.
         """
         if plan.zero != 3 or plan.dp == 1:
-            return 0.0, 0.0
+            return 0.0, 0.0, 0.0
         c, eb = self.cluster, BYTES[plan.precision]
         grad_bytes = self.software.grad_reduce_bytes if plan.precision == "bf16" else 4
         lp = self.model.layer_params / plan.tp
         ag = collective_seconds("all_gather", lp * eb, plan.dp, dp_per_node, c)
         rs = collective_seconds("reduce_scatter", lp * grad_bytes, plan.dp, dp_per_node, c)
         copies = self.device.memory_seconds(lp * (5 * eb + grad_bytes))
+        table = self.model.vocab * self.model.hidden / plan.tp
+        if self.software.fsdp_output_with_embedding and plan.pp == 1 and not self.model.tied:
+            table *= 2
+        embedding = (collective_seconds("all_gather", table * eb, plan.dp, dp_per_node, c)
+                     + collective_seconds("reduce_scatter", table * grad_bytes, plan.dp, dp_per_node, c))
         if not self.software.dp_overlap:
-            return copies + 2 * ag + rs, 0.0
+            return copies + 2 * ag + rs, 0.0, embedding
         backward = layer.compute - layer.forward + layer.recompute
         exposed = max(0.0, ag - layer.forward) + max(0.0, ag + rs - backward)
-        return copies + exposed + (2 * ag + rs - exposed) * share, ag + rs
+        return copies + exposed + (2 * ag + rs - exposed) * share, ag + rs, embedding
 
     def _p2p_seconds(self, plan: Plan, sp: bool, across_nodes: bool) -> float:
         """Pipeline transfers per micro-batch and stage: an activation forward and a gradient back,
@@ -458,12 +498,18 @@ class StepModel:
         gather = collective_seconds("all_gather", weights * eb, dp, dp_per_node, c) if plan.zero else 0.0
         if not self.software.dp_overlap:
             return grads + gather
-        bucket = self.software.bucket_mb * 1e6
+        sw = self.software
+        if sw.bucket_params:
+            params = min(weights, max(sw.bucket_params, sw.bucket_params_per_dp * dp))
+            grad_bucket, param_bucket = params * grad_bytes, params * eb
+        else:
+            grad_bucket = param_bucket = sw.bucket_mb * 1e6
         backward = layers * (layer.compute - layer.forward + layer.recompute)
-        exposed = max(grads - backward, collective_seconds(kind, min(bucket, weights * grad_bytes), dp, dp_per_node, c))
+        exposed = max(grads - backward,
+                      collective_seconds(kind, min(grad_bucket, weights * grad_bytes), dp, dp_per_node, c))
         if gather:
             exposed += max(gather - layers * layer.forward,
-                           collective_seconds("all_gather", min(bucket, weights * eb), dp, dp_per_node, c))
+                           collective_seconds("all_gather", min(param_bucket, weights * eb), dp, dp_per_node, c))
         return exposed + (grads + gather - exposed) * share
 
     def _memory(self, plan: Plan, layer: LayerCost, tail: EndCost, micro_batches: int) -> Memory:
