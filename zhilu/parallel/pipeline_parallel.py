@@ -14,12 +14,12 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
 from zhilu.models.gpt import GPT
 from zhilu.models.presets import GPTConfig
 from zhilu.parallel.mesh import ParallelEnv
+from zhilu.parallel.tensor_parallel import whole
 from zhilu.plan import Plan
 
 
@@ -77,7 +77,7 @@ class Pipeline:
         args = (inputs,) if self.has_first else ()
         if self.has_last:
             method(*args, target=targets, losses=losses)
-            return torch.stack([_plain(loss.detach()) for loss in losses]).mean()
+            return torch.stack([whole(loss.detach()) for loss in losses]).mean()
         method(*args)
         return None
 
@@ -89,6 +89,3 @@ class Pipeline:
         """Forward only; the mean loss on the last stage's rank."""
         return self._run(self.schedule.eval, inputs, targets)
 
-
-def _plain(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if isinstance(t, DTensor) else t

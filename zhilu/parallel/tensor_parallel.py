@@ -10,9 +10,10 @@ stream are split along the sequence between the tensor-parallel regions.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
@@ -49,3 +50,8 @@ def apply_tensor_parallel(model: nn.Module, mesh: DeviceMesh, sequence_parallel:
             plan.update({name: RowwiseParallel(output_layouts=Shard(1))
                          for name, style in model.TP_PLAN.items() if style == "rowwise"})
         parallelize_module(block, mesh, plan)
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a plain tensor: a DTensor (a loss under tensor parallelism) made whole."""
+    return t.full_tensor() if isinstance(t, DTensor) else t

@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from zhilu.config import JobConfig
@@ -39,6 +38,7 @@ from zhilu.parallel.apply import parallelize
 from zhilu.parallel.data_parallel import gradient_sync, reshard
 from zhilu.parallel.local_sgd import ModelAveraging
 from zhilu.parallel.mesh import ParallelEnv, init_parallel, shutdown_parallel
+from zhilu.parallel.tensor_parallel import whole
 from zhilu.plan import Plan
 from zhilu.train.checkpoint import Checkpointer, load_model
 from zhilu.train.optim import build_optimizer, clip_grad_norm, lr_at, set_lr
@@ -130,7 +130,7 @@ class Trainer:
                 with self.autocast:
                     loss = loss_fn(model(x), y) / mb
                 loss.backward()
-            total += _plain(loss.detach())
+            total += whole(loss.detach())
         return total
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,7 +219,7 @@ class Trainer:
                     loss = self.pm.pipeline.eval(x, y)
                     total += loss if loss is not None else 0.0
                 else:
-                    total += _plain(loss_fn(self.parts[0](x), y))
+                    total += whole(loss_fn(self.parts[0](x), y))
         for part in self.parts:
             part.train()
             reshard(part)
@@ -332,10 +332,6 @@ def _print_summary(progress: TrainProgress, s: dict[str, Any], run_dir: Path) ->
     if s["sample"] is not None:
         progress.print("[bold]sample[/]")
         progress.print(s["sample"], markup=False)
-
-
-def _plain(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def _peak_memory_gib(device: torch.device) -> float:
