@@ -155,3 +155,18 @@ def test_a_file_that_is_not_toml(tmp_path):
     with pytest.raises(ZhiluError) as e:
         hardware.load(path)
     assert e.value.field == "hardware"
+
+
+def test_attention_measured_at_a_precision_is_used_at_it_and_scaled_to_the_other():
+    cpu = replace(DEV, attention=(hardware.AttentionPoint(256, 64, 0.03, "fp32"),))
+    assert cpu.attention_tflops(256, 64, "fp32") == pytest.approx(0.03)
+    assert cpu.attention_tflops(256, 64, "bf16") == pytest.approx(0.03 * 50.0 / 5.0)  # as the products scale
+
+
+def test_a_calibrated_cpu_file_round_trips(tmp_path):
+    cpu = replace(PRESETS["cpu"], device=replace(PRESETS["cpu"].device, tp_layer_us=1500.0, tp_layer_s_per_gb=2.5,
+                                                 tp_ends_us=800.0,
+                                                 attention=(hardware.AttentionPoint(128, 32, 0.02, "fp32"),)))
+    path = tmp_path / "cpu.toml"
+    hardware.save(cpu, path)
+    assert hardware.load(path) == cpu and not (tmp_path / "cpu.toml.tmp").exists()

@@ -168,3 +168,58 @@ def test_overlapped_tensor_parallel_products_run_in_chunks_of_t_rows():
     whole = sum(dev.gemm_seconds(4096, n, k) for g in LLAMA.gemm_groups(8, False) for n, k in g)
     assert chunked > whole  # a chunk of 512 rows fills fewer waves
     assert overlap.forward - plain.forward == pytest.approx(chunked - whole)
+
+
+def test_a_cpu_pays_for_issuing_kernels_on_top_of_running_them():
+    from dataclasses import replace
+
+    tiny = Transformer(preset("gpt-tiny"), 256)
+    cpu = PRESETS["cpu"].sized(1)
+    queued = replace(cpu, device=replace(cpu.device, synchronous=False))
+    layer = StepModel(tiny, cpu, 8).layer(1, False, 8, "none", "fp32")
+    assert layer.other > 0  # kernels x launch_us, in full
+    assert StepModel(tiny, queued, 8).layer(1, False, 8, "none", "fp32").other == 0  # hidden under the kernels
+
+
+def test_dtensor_overhead_adds_per_layer_and_per_byte_of_activation():
+    from dataclasses import replace
+
+    tiny = Transformer(preset("gpt-tiny"), 256)
+    cpu = PRESETS["cpu"].sized(2)
+    slow = replace(cpu, device=replace(cpu.device, tp_layer_us=10_000.0, tp_layer_s_per_gb=2.0))
+
+    def other(c, b):
+        return StepModel(tiny, c, 16).layer(2, True, b, "none", "fp32").other
+
+    activation_gb = 8 * 256 * 192 * 4 / 1e9
+    assert other(slow, 8) - other(cpu, 8) == pytest.approx(0.010 + 2.0 * activation_gb)
+    assert other(slow, 1) - other(cpu, 1) == pytest.approx(0.010 + 2.0 * activation_gb / 8)
+    no_tp = [StepModel(tiny, c, 16).layer(1, False, 8, "none", "fp32").other for c in (slow, cpu)]
+    assert no_tp[0] == no_tp[1]  # without tensor parallelism, no DTensor
+
+
+def test_fsdp_traffic_is_exposed_on_a_cpu_and_zero2_reduces_every_micro_batch():
+    tiny = Transformer(preset("gpt-tiny"), 256)
+    s = StepModel(tiny, PRESETS["cpu"].sized(2), 16)
+    one, four = (s.evaluate(Plan(2, 1, 1, zero=2, micro_batch=b)).breakdown["dp_comm_exposed"] for b in (8, 2))
+    assert four == pytest.approx(4 * one)  # one reduce-scatter per micro-batch, none hidden
+    zero1 = s.evaluate(Plan(2, 1, 1, zero=1, micro_batch=2)).breakdown["dp_comm_exposed"]
+    assert zero1 < four
+
+
+def test_each_fsdp_collective_pays_the_calibrated_wait_per_ring_step():
+    from dataclasses import replace
+
+    tiny = Transformer(preset("gpt-tiny"), 256)
+    cpu = PRESETS["cpu"].sized(4)
+    waits = replace(cpu, device=replace(cpu.device, fsdp_step_us=1000.0))
+
+    def exposed(c, zero):
+        return StepModel(tiny, c, 16).evaluate(Plan(4, 1, 1, zero=zero, micro_batch=2)).breakdown["dp_comm_exposed"]
+
+    micro_batches, ring_steps = 2, 3
+    # ZeRO-3: two gathers and a reduce-scatter per layer and micro-batch, the embedding's gather and reduce-scatter
+    assert exposed(waits, 3) - exposed(cpu, 3) == pytest.approx(
+        micro_batches * (3 * tiny.layers + 2) * ring_steps * 1e-3)
+    # ZeRO-1: one gather and one reduce-scatter per unit (the layers and the root) and step
+    assert exposed(waits, 1) - exposed(cpu, 1) == pytest.approx(2 * (tiny.layers + 1) * ring_steps * 1e-3)

@@ -2,6 +2,7 @@
 
     zhilu train [CONFIG.toml] [--model PRESET] [--nproc N] [--plan SPEC] [--section.key VALUE ...]
     zhilu plan --model llama3-8b --seq-len 8192 --global-batch 64 --gpus 64 --hardware h100-sxm
+    zhilu calibrate [--nproc N] [--out FILE]
 
 Exit codes: 0 success, 2 the input is wrong (one ``error:`` line on stderr), 1 a bug or a crash.
 """
@@ -19,7 +20,8 @@ TRAIN_FLAGS: dict[str, tuple[str, str]] = {
     "--data": ("data.path", "text file, folder of text files, or uint16 .bin tokens (default: the Python standard library)"),
     "--nproc": ("launch.nproc", "local processes (default: 1 on CPU, one per GPU)"),
     "--plan": ("parallel.plan", "key=value list of dp, tp, pp, zero, mb, schedule, vstages, sp, recompute, "
-               "avg_every, e.g. dp=2,tp=2,zero=3 (default: dp over all processes)"),
+               "avg_every, e.g. dp=2,tp=2,zero=3; or auto: the fastest plan the performance model predicts "
+               "(default: dp over all processes)"),
     "--steps": ("train.steps", "optimizer steps (default 250)"),
     "--global-batch": ("train.global_batch", "sequences per step over all replicas (default 16)"),
     "--seq-len": ("train.seq_len", "tokens per sequence (default: the model's, 256 for gpt-tiny)"),
@@ -99,9 +101,26 @@ def plan(argv: list[str]) -> int:
     return plan_cli.run(parser.parse_args(argv))
 
 
+def calibrate(argv: list[str]) -> int:
+    from zhilu import calibrate as calibration
+
+    parser = _Parser(prog="zhilu calibrate", description="Measure this machine (products, memory, attention, "
+                     "collectives) and write the hardware file that plan and train read.")
+    calibration.add_arguments(parser)
+    args = parser.parse_args(argv)
+    from zhilu.launch import TrainingFailed
+
+    try:
+        return calibration.run(args)
+    except TrainingFailed as e:
+        print(f"zhilu calibrate: {e}", file=sys.stderr)
+        return 1
+
+
 COMMANDS = {
     "train": (train, "train a model with a parallel plan"),
     "plan": (plan, "predict step time and memory of plans and pick the fastest that fits"),
+    "calibrate": (calibrate, "measure this machine and write its hardware file"),
 }
 
 

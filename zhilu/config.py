@@ -61,7 +61,8 @@ class TrainSection:
 
 @dataclass
 class ParallelSection:
-    plan: str = ""  # e.g. "dp=2,zero=3"; "" = data parallel over all processes
+    plan: str = ""  # e.g. "dp=2,zero=3"; "" = data parallel over all processes; "auto" = the fastest predicted
+    hardware: str = ""  # preset or hardware file the prediction uses; "" = this machine's calibration
     average_optimizer_state: bool = False  # with avg_every: average AdamW's moments too
 
 

@@ -14,6 +14,7 @@ Units: rates in TFLOP/s, bandwidths in GB/s (10**9 bytes), memory in GiB, latenc
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
@@ -75,6 +76,7 @@ class AttentionPoint:
     seq_len: int
     head_dim: int
     tflops: float
+    precision: str = "bf16"
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,23 @@ class Device:
     compute_units: int = 1  # SMs of a GPU (a GEMM needs one output tile per unit to fill it)
     launch_us: float = 10.0  # host time to issue one kernel (eager PyTorch)
     rate_spread: float = 0.0  # relative standard deviation of the sustained rate between devices
+    # The host runs the kernels itself (a CPU): the time to issue an op adds to its work instead
+    # of overlapping with the kernels already queued on a device.
+    synchronous: bool = False
+    # What one tensor-parallel layer (forward and backward) and the embedding, output and loss
+    # take under DTensor beyond their kernels and collectives as modelled (DTensor's host work per
+    # op, ranks waiting on each other at every collective, collectives slower amid compute): a
+    # fixed time plus seconds per GB of the layer's [tokens, hidden] activation. Measured by
+    # `zhilu calibrate` on zhilu's runtime; 0 where unknown.
+    tp_layer_us: float = 0.0
+    tp_layer_s_per_gb: float = 0.0
+    tp_ends_us: float = 0.0
+    # What each FSDP collective of one unit (a layer's all-gather or reduce-scatter) takes in a
+    # step beyond the link model, per ring step: a fixed time plus seconds per GB of the unit's
+    # weights (on a CPU the process group's thread waits for a core while the others compute,
+    # and the unit's hooks and copies run). Measured by `zhilu calibrate`; 0 where unknown.
+    fsdp_step_us: float = 0.0
+    fsdp_s_per_gb: float = 0.0
 
     def slowest_of(self, n: int) -> Device:
         """The device a synchronous job of ``n`` devices runs at: the expected slowest of ``n``.
@@ -150,10 +169,11 @@ class Device:
         return nbytes / (self.memory_bandwidth_gbps * 1e9)
 
     @cached_property
-    def _attention_fit(self) -> tuple[float, float, float] | None:
-        return fit_attention(self.attention) if self.attention else None
+    def _attention_fits(self) -> dict[str, tuple[float, float, float]]:
+        return {p: fit_attention(points) for p in PRECISIONS
+                if (points := tuple(a for a in self.attention if a.precision == p))}
 
-    def attention_tflops(self, seq_len: int, head_dim: int) -> float | None:
+    def attention_tflops(self, seq_len: int, head_dim: int, precision: str = "bf16") -> float | None:
         """Rate of causal flash attention, or None when the device has no fused kernel.
 
         ``1 / rate = a + b / seq_len + c / head_dim``: a per-block cost (softmax, masking,
@@ -165,13 +185,18 @@ class Device:
         14% for a fourfold sequence), whereas a ``1/s`` term fitted to two close points keeps
         climbing past them (the H200 file's 2k and 4k points would put 8k at 287 TFLOP/s, 20%
         above 4k). Below the measured range the overhead is real and the fit applies.
+        Without points at ``precision``, the other precision's rate scaled as the products scale.
         """
-        if self._attention_fit is None:
+        fits = self._attention_fits
+        if not fits:
             return None
-        a, b, c = self._attention_fit
-        seq_len = min(seq_len, max(p.seq_len for p in self.attention))
-        head_dim = min(head_dim, max(p.head_dim for p in self.attention))
-        return 1.0 / (a + b / seq_len + c / head_dim)
+        source = precision if precision in fits else next(iter(fits))
+        a, b, c = fits[source]
+        points = [p for p in self.attention if p.precision == source]
+        seq_len = min(seq_len, max(p.seq_len for p in points))
+        head_dim = min(head_dim, max(p.head_dim for p in points))
+        rate = 1.0 / (a + b / seq_len + c / head_dim)
+        return rate * self.matmul_tflops[precision] / self.matmul_tflops[source]
 
 
 def fit_matmul_tflops(points: tuple[MatmulPoint, ...], memory_bandwidth_gbps: float, launch_us: float,
@@ -206,7 +231,7 @@ def fit_attention(points: tuple[AttentionPoint, ...]) -> tuple[float, float, flo
     ys = [1.0 / p.tflops for p in points]
     distinct = [len({r[i] for r in rows}) > 1 for i in (1, 2)]
     used = [0] + [i + 1 for i, d in enumerate(distinct) if d]
-    coef = _least_squares([[r[i] for i in used] for r in rows], ys)
+    coef = least_squares([[r[i] for i in used] for r in rows], ys)
     full = [0.0, 0.0, 0.0]
     for i, c in zip(used, coef):
         full[i] = c
@@ -215,7 +240,7 @@ def fit_attention(points: tuple[AttentionPoint, ...]) -> tuple[float, float, flo
     return full[0], full[1], full[2]
 
 
-def _least_squares(a: list[list[float]], y: list[float]) -> list[float]:
+def least_squares(a: list[list[float]], y: list[float]) -> list[float]:
     """Solve the normal equations of a small dense system (Gauss-Jordan)."""
     n = len(a[0])
     m = [[sum(r[i] * r[j] for r in a) for j in range(n)] + [sum(r[i] * v for r, v in zip(a, y))] for i in range(n)]
@@ -336,8 +361,24 @@ PRESETS: dict[str, Cluster] = {
     "cpu": Cluster("cpu", Device(
         "x86-64 CPU process", memory_gib=16.0, memory_bandwidth_gbps=10.0, power_w=60.0,
         peak_tflops={"bf16": 0.2, "fp32": 0.2}, matmul_tflops={"bf16": 0.03, "fp32": 0.08},
-        compute_units=1, launch_us=10.0), 2, Link("shm", 30.0, 2.0), Link("tcp", 100.0, 1.0)),
+        compute_units=1, launch_us=10.0, synchronous=True), 2, Link("shm", 30.0, 2.0), Link("tcp", 100.0, 1.0)),
 }
+
+
+def gpu_preset(device_name: str) -> str | None:
+    """The preset of the GPU PyTorch names ``device_name`` (e.g. ``NVIDIA H200``), or None."""
+    name = device_name.lower()
+    for key, c in PRESETS.items():
+        if key != "cpu" and name and (c.device.name.lower() in name or name in c.device.name.lower()):
+            return key
+    return None
+
+
+def calibrated_path(device_type: str, nproc: int) -> Path:
+    """Where ``zhilu calibrate`` keeps this machine's hardware file for ``nproc`` processes on
+    ``device_type`` (cpu or cuda): ``$XDG_CACHE_HOME/zhilu`` or ``~/.cache/zhilu``."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "zhilu"
+    return root / f"hardware-{device_type}-{nproc}.toml"
 
 
 def cluster(name_or_path: str, devices: int | None = None, devices_per_node: int | None = None) -> Cluster:
@@ -377,7 +418,9 @@ def from_dict(data: dict[str, Any], source: str = "hardware") -> Cluster:
                                _choice(r, "precision", "device.matmul", PRECISIONS, "bf16"))
                    for r in _rows(dev, "matmul"))
     attention = tuple(AttentionPoint(_int(r, "seq_len", "device.attention"), _int(r, "head_dim", "device.attention"),
-                                     _num(r, "tflops", "device.attention")) for r in _rows(dev, "attention"))
+                                     _num(r, "tflops", "device.attention"),
+                                     _choice(r, "precision", "device.attention", PRECISIONS, "bf16"))
+                      for r in _rows(dev, "attention"))
     bandwidth = _num(dev, "memory_bandwidth_gbps", "device")
     launch = _num(dev, "launch_us", "device", default=10.0)
     units = _int(dev, "compute_units", "device", default=1)
@@ -394,7 +437,12 @@ def from_dict(data: dict[str, Any], source: str = "hardware") -> Cluster:
         memory_bandwidth_gbps=bandwidth, power_w=_num(dev, "power_w", "device"), peak_tflops=peak,
         matmul_tflops=sustained, attention=attention, matmul=matmul,
         compute_units=units, launch_us=launch,
-        rate_spread=_fraction(dev, "rate_spread", "device"))
+        rate_spread=_fraction(dev, "rate_spread", "device"), synchronous=_bool(dev, "synchronous", "device"),
+        tp_layer_us=_nonnegative(dev, "tp_layer_us", "device"),
+        tp_layer_s_per_gb=_nonnegative(dev, "tp_layer_s_per_gb", "device"),
+        tp_ends_us=_nonnegative(dev, "tp_ends_us", "device"),
+        fsdp_step_us=_nonnegative(dev, "fsdp_step_us", "device"),
+        fsdp_s_per_gb=_nonnegative(dev, "fsdp_s_per_gb", "device"))
     return Cluster(str(data.get("name", source)), device, _int(data, "devices_per_node", "", default=1),
                    _link(links, "intra"), _link(links, "inter"))
 
@@ -405,9 +453,13 @@ def to_dict(c: Cluster) -> dict[str, Any]:
     device: dict[str, Any] = {
         "name": d.name, "memory_gib": d.memory_gib, "memory_bandwidth_gbps": d.memory_bandwidth_gbps,
         "power_w": d.power_w, "compute_units": d.compute_units, "launch_us": d.launch_us,
-        "rate_spread": d.rate_spread, "peak_tflops": dict(d.peak_tflops), "matmul_tflops": dict(d.matmul_tflops),
+        "rate_spread": d.rate_spread, "synchronous": d.synchronous, "tp_layer_us": d.tp_layer_us,
+        "tp_layer_s_per_gb": d.tp_layer_s_per_gb, "tp_ends_us": d.tp_ends_us,
+        "fsdp_step_us": d.fsdp_step_us, "fsdp_s_per_gb": d.fsdp_s_per_gb, "peak_tflops": dict(d.peak_tflops),
+        "matmul_tflops": dict(d.matmul_tflops),
         "matmul": [{"precision": p.precision, "m": p.m, "n": p.n, "k": p.k, "tflops": p.tflops} for p in d.matmul],
-        "attention": [{"seq_len": a.seq_len, "head_dim": a.head_dim, "tflops": a.tflops} for a in d.attention]}
+        "attention": [{"precision": a.precision, "seq_len": a.seq_len, "head_dim": a.head_dim, "tflops": a.tflops}
+                      for a in d.attention]}
     links = {tier: {"name": link.name, "latency_us": link.latency_us, "bandwidth_gbps": link.bandwidth_gbps,
                     "compute_share": link.compute_share} for tier, link in (("intra", c.intra), ("inter", c.inter))}
     return {"name": c.name, "devices_per_node": c.devices_per_node, "device": device, "links": links}
@@ -423,8 +475,12 @@ def dump(c: Cluster) -> str:
 
 
 def save(c: Cluster, path: str | Path) -> None:
-    """Write :func:`dump` of ``c`` to ``path``."""
-    Path(path).write_text(dump(c))
+    """Write :func:`dump` of ``c`` to ``path`` atomically (its folder made if need be)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(dump(c))
+    os.replace(tmp, path)
 
 
 def _table(d: dict[str, Any], key: str) -> dict[str, Any]:
@@ -492,6 +548,20 @@ def _link(links: dict[str, Any], tier: str) -> Link:
                 _num(v, "bandwidth_gbps", f"links.{tier}"), _fraction(v, "compute_share", f"links.{tier}"))
 
 
+def _nonnegative(d: dict[str, Any], key: str, where: str) -> float:
+    v = d.get(key, 0.0)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
+        raise ZhiluError(f"hardware.{where}.{key}", f"must be a number >= 0, got {v!r}")
+    return float(v)
+
+
+def _bool(d: dict[str, Any], key: str, where: str) -> bool:
+    v = d.get(key, False)
+    if not isinstance(v, bool):
+        raise ZhiluError(f"hardware.{where}.{key}", f"must be true or false, got {v!r}")
+    return v
+
+
 def _fraction(d: dict[str, Any], key: str, where: str) -> float:
     v = d.get(key, 0.0)
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
@@ -500,5 +570,6 @@ def _fraction(d: dict[str, Any], key: str, where: str) -> float:
 
 
 __all__ = ["AttentionPoint", "BYTES", "COPY_EFFICIENCY", "Cluster", "Device", "Link", "MatmulPoint", "PRECISIONS",
-           "PRESETS", "cluster", "dump", "fit_attention", "fit_matmul_tflops", "from_dict", "k_splits", "load", "save",
+           "PRESETS", "calibrated_path", "cluster", "dump", "fit_attention", "fit_matmul_tflops", "from_dict",
+           "gpu_preset", "k_splits", "least_squares", "load", "save",
            "to_dict", "wave_fill"]

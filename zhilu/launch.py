@@ -14,6 +14,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,22 @@ def prepare(cfg: JobConfig) -> tuple[JobConfig, Plan, GPTConfig]:
     seq_len = cfg.train.seq_len or model_cfg.max_seq_len
     model_cfg = replace(model_cfg, max_seq_len=max(model_cfg.max_seq_len, seq_len))
 
-    plan = Plan.parse(cfg.parallel.plan, world)
+    hw_source = _hardware(cfg.parallel.hardware, cfg.parallel.plan.strip() == "auto", device, nproc)
+    if cfg.parallel.plan.strip() == "auto":
+        from zhilu.hardware import cluster
+        from zhilu.perf import job
+
+        if not hw_source:
+            raise ZhiluError("parallel.hardware", "--plan auto needs to know this GPU: run `zhilu calibrate`, or give "
+                             "a preset (a100-40gb, a100-80gb, h100-sxm, h200, v100-32gb) or a hardware file")
+        plan, estimate = job.auto(model_cfg, seq_len, cfg.train.global_batch, world, cluster(hw_source), device,
+                                  nodes_of=nproc)
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"plan auto: {job.spec(plan)}, predicted {estimate.step_time_s * 1e3:,.0f} ms/step "
+                  f"(the fastest that fits, on {hw_source})", flush=True)
+        cfg = replace(cfg, parallel=replace(cfg.parallel, plan=job.spec(plan)))
+    else:
+        plan = Plan.parse(cfg.parallel.plan, world)
     plan.check_model(model_cfg)
     plan.check_batch(cfg.train.global_batch)
 
@@ -83,6 +99,7 @@ def prepare(cfg: JobConfig) -> tuple[JobConfig, Plan, GPTConfig]:
     resolved = replace(
         cfg,
         train=replace(cfg.train, seq_len=seq_len),
+        parallel=replace(cfg.parallel, hardware=hw_source),
         launch=replace(launch, device=device, nproc=nproc),
         run=replace(cfg.run, out=str(out)),
     )
@@ -94,6 +111,28 @@ def prepare(cfg: JobConfig) -> tuple[JobConfig, Plan, GPTConfig]:
     return resolved, plan, model_cfg
 
 
+def _hardware(name: str, calibrate: bool, device: str, nproc: int) -> str:
+    """The hardware the prediction uses: ``name``, else this machine's calibration (measured now for
+    ``--plan auto`` when there is none, outside torchrun), else the device's preset."""
+    import torch
+
+    from zhilu.perf import job
+
+    if not name and calibrate and not under_torchrun():
+        from zhilu import hardware
+        from zhilu.calibrate import calibrate as measure
+
+        path = hardware.calibrated_path(device, nproc)
+        if not path.exists():
+            print(f"plan auto: calibrating this machine first ({nproc} x {device}; saved to {path})", flush=True)
+            hardware.save(measure(device, nproc), path)
+    gpu = torch.cuda.get_device_name() if device == "cuda" else ""
+    try:
+        return job.hardware(name, device, nproc, gpu)[1]
+    except ZhiluError as e:
+        raise ZhiluError("parallel.hardware", e.message) from None
+
+
 def launch(cfg: JobConfig, plan: Plan, model_cfg: GPTConfig) -> dict[str, Any] | None:
     """Run the prepared job; returns rank 0's summary where this process can see it."""
     from zhilu.train import loop
@@ -101,7 +140,12 @@ def launch(cfg: JobConfig, plan: Plan, model_cfg: GPTConfig) -> dict[str, Any] |
     n = cfg.launch.nproc
     if under_torchrun() or (n == 1 and cfg.launch.max_restarts == 0):
         return loop.run(cfg, plan, model_cfg)
+    return run_local(loop.run, (cfg, plan, model_cfg), n, cfg.launch.port, cfg.launch.max_restarts)[0]
 
+
+def run_local(fn: Callable[..., Any], args: tuple, nproc: int, port: int = 0, max_restarts: int = 0) -> dict[int, Any]:
+    """Run ``fn(*args)`` in ``nproc`` local processes under torch elastic; their return values by rank."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     # Restarted workers must not read the previous attempt's addresses from a store shared
@@ -110,19 +154,17 @@ def launch(cfg: JobConfig, plan: Plan, model_cfg: GPTConfig) -> dict[str, Any] |
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
-        nproc_per_node=n,
+        nproc_per_node=nproc,
         run_id=uuid.uuid4().hex[:8],
         rdzv_backend="c10d",
-        rdzv_endpoint=f"127.0.0.1:{cfg.launch.port}",
+        rdzv_endpoint=f"127.0.0.1:{port}",
         local_addr="127.0.0.1",
-        max_restarts=cfg.launch.max_restarts,
+        max_restarts=max_restarts,
         start_method="spawn",
         monitor_interval=0.2,
     )
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-
     try:
-        return elastic_launch(config, loop.run)(cfg, plan, model_cfg)[0]
+        return elastic_launch(config, fn)(*args)
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         raise TrainingFailed(f"rank {rank} failed (exit code {failure.exitcode}); its traceback is above") from None

@@ -59,8 +59,7 @@ def init_parallel(plan: Plan, device_type: str) -> ParallelEnv:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        torch.set_num_threads(max(1, cores // local_world))
+        share_cores(local_world)
     mesh = None
     if world > 1:
         backend = "nccl" if device_type == "cuda" else "gloo"
@@ -68,6 +67,12 @@ def init_parallel(plan: Plan, device_type: str) -> ParallelEnv:
         # tp innermost: its ranks are neighbours, on one node when the launch fills nodes in order.
         mesh = init_device_mesh(device_type, (plan.pp, plan.dp, plan.tp), mesh_dim_names=("pp", "dp", "tp"))
     return ParallelEnv(rank, world, local_rank, local_world, device, mesh)
+
+
+def share_cores(local_world: int) -> None:
+    """On CPU, give each of the ``local_world`` processes of this host its share of the cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(1, cores // local_world))
 
 
 def shutdown_parallel() -> None:

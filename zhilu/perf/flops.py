@@ -155,7 +155,8 @@ class Transformer:
         ``recompute`` is the policy: ``none``; ``attention`` drops the attention core (recomputed,
         Korthikanti's selective recomputation); ``full`` keeps the layer input only;
         ``ops`` (PyTorch's per-op policy in torchtitan) keeps the input, every second product's
-        output and the attention output.
+        output and the attention output; ``elementwise`` (zhilu's selective) keeps the input, every
+        product's output and the attention output.
         """
         h, s, t = self.hidden, self.seq_len, tp
         hs = h / t if sp else h
@@ -164,9 +165,11 @@ class Transformer:
             return 2 * hs
         q_kv = 2 * (self.heads + 2 * self.kv_heads) * self.head_dim / t
         o = 2 * self.heads * self.head_dim / t  # attention output = input of the output projection
+        products = q_kv + 2 * hs + 2 * (2 if self.gated_mlp else 1) * self.ffn / t + 2 * hs
         if recompute == "ops":
-            products = q_kv + 2 * hs + 2 * (2 if self.gated_mlp else 1) * self.ffn / t + 2 * hs
             return 2 * hs + products / 2 + o + 4 * self.heads / t
+        if recompute == "elementwise":
+            return 2 * hs + products + o + 4 * self.heads / t
         core = 0.0
         if flash:
             core = 4 * self.heads / t  # fp32 log-sum-exp per head

@@ -11,7 +11,7 @@ what backward and forward cannot hide; the optimizer step closes the step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from math import ceil
 
 from zhilu.errors import ZhiluError
@@ -45,8 +45,9 @@ class Software:
     PyTorch, one kernel per op). ``flash_attention``: a fused causal attention kernel where
     the device has one. ``selective``: what recompute mode ``selective`` recomputes:
     ``attention`` (the attention core, Korthikanti et al. 2022), ``ops`` (PyTorch's per-op
-    policy as in torchtitan: elementwise ops and every second product) or ``alternate``
-    (every second layer in full). ``*_overlap``: tensor-parallel collectives run under the
+    policy as in torchtitan: elementwise ops and every second product), ``elementwise``
+    (zhilu's: every product and attention kept, the elementwise ops recomputed) or
+    ``alternate`` (every second layer in full). ``*_overlap``: tensor-parallel collectives run under the
     products (Megatron-Core, async TP), gradient/parameter traffic under backward/forward
     (DDP buckets, FSDP prefetch), pipeline transfers under compute. ``fused_projections``:
     q, k, v as one product and gate, up as one (Megatron's ``linear_qkv``, ``linear_fc1``),
@@ -73,11 +74,15 @@ class Software:
     fsdp_output_with_embedding: bool = False
     fused_projections: bool = False  # q, k, v in one product and gate, up in one (Megatron); else one per weight
     foreach_adamw: bool = False  # PyTorch's default multi-tensor AdamW (FOREACH_ADAMW_BYTES), not a fused kernel
+    # Pipeline stages under FSDP gather their weights once per step and reduce-scatter the
+    # gradients after the last micro-batch, whatever the ZeRO stage (torch.distributed.pipelining)
+    pipeline_unshards_once: bool = False
 
 
 # zhilu's own runtime: eager PyTorch, SDPA flash attention, DDP buckets and FSDP2 prefetch
-# overlapped, DTensor tensor parallelism without overlap, torch.distributed.pipelining.
-ZHILU = Software("zhilu")
+# overlapped, DTensor tensor parallelism without overlap, torch.distributed.pipelining,
+# selective recompute of the elementwise ops (zhilu/parallel/recompute.py), fused AdamW on GPUs.
+ZHILU = Software("zhilu", selective="elementwise", pipeline_unshards_once=True)
 
 
 @dataclass(frozen=True)
@@ -203,9 +208,7 @@ class StepModel:
         g_fwd = [sum(gemm(tokens, n, k, chunks) for n, k in g) for g in groups]
         g_bwd = [sum(gemm(tokens, k, n, chunks) + gemm(k, n, tokens) for n, k in g) for g in groups]
         fwd, bwd = sum(g_fwd), sum(g_bwd)
-        rate = dev.attention_tflops(s, d) if sw.flash_attention else None
-        if rate and precision != "bf16":  # the fused kernel (memory-efficient SDPA) at this precision's rate
-            rate *= dev.matmul_tflops[precision] / dev.matmul_tflops["bf16"]
+        rate = dev.attention_tflops(s, d, precision) if sw.flash_attention else None
         if rate:
             att_f = m.attention_flops(b, tp) / (rate * 1e12)
             att_b, att_kernels = 2.5 * att_f, 2
@@ -248,6 +251,8 @@ class StepModel:
             rec, rec_kernels = att_f, att_kernels // 2
         elif policy == "ops":  # the all-gathers run again, the reduce-scatters are kept
             rec, rec_comm, rec_kernels = elem_f + fwd / 2, comm_f / 2, k_f + 2
+        elif policy == "elementwise":
+            rec, rec_kernels = elem_f, k_f
         flash = rate is not None
         per_token = m.saved_bytes_per_token
         full_bytes = per_token(tp, sp, sw.fused_kernels, flash, "none")
@@ -257,9 +262,17 @@ class StepModel:
             kept = per_token(tp, sp, sw.fused_kernels, flash, policy)
         device_time = compute + rec + comm_f + comm_b + rec_comm
         host_time = (kernels + rec_kernels) * dev.launch_us * 1e-6
+        if tp > 1:  # DTensor's own work (per op: recompute runs more) and waiting (per byte)
+            host_time += (dev.tp_layer_us * 1e-6 * (kernels + rec_kernels) / kernels
+                          + dev.tp_layer_s_per_gb * tokens * m.hidden * eb / 1e9)
         return LayerCost(compute=compute, forward=forward, recompute=rec, tp=comm_f + comm_b + rec_comm,
-                         other=max(0.0, host_time - device_time), saved=tokens * kept * eb / 2,
+                         other=self._host(host_time, device_time), saved=tokens * kept * eb / 2,
                          working=tokens * full_bytes * eb / 2)
+
+    def _host(self, host: float, device: float) -> float:
+        """What issuing the kernels adds: all of it on a synchronous device (a CPU), else what the
+        queued kernels do not cover."""
+        return host if self.device.synchronous else max(0.0, host - device)
 
     def _tp_exposed(self, comm: float, gemm: float, tp: int) -> float:
         """What a tensor-parallel collective adds to the step.
@@ -307,9 +320,10 @@ class StepModel:
                 collective_seconds("all_reduce", act, tp, tp, self.cluster)
             head_tp += 3 * collective_seconds("all_reduce", tokens * 4, tp, tp, self.cluster)
         launch = dev.launch_us * 1e-6
-        first = EndCost(emb, emb_tp, max(0.0, 4 * launch - emb - emb_tp), 0.0)
+        first = EndCost(emb, emb_tp, self._host(4 * launch, emb + emb_tp), 0.0)
         kernels = 8 if sw.fused_kernels else 30
-        last = EndCost(head, head_tp, max(0.0, kernels * launch - head - head_tp),
+        dtensor = dev.tp_ends_us * 1e-6 + dev.tp_layer_s_per_gb * act / 1e9 if tp > 1 else 0.0
+        last = EndCost(head, head_tp, self._host(kernels * launch + dtensor, head + head_tp),
                        logits_bytes(m, tokens, tp) * eb / 2)
         return first, last
 
@@ -391,7 +405,10 @@ class StepModel:
         dp_per_node, pp_across = members_per_node(tp, dp, c.devices_per_node)
         # a collective hidden under compute still takes the SMs it runs on (Link.compute_share)
         share = (c.intra if dp_per_node == dp else c.inter).compute_share
-        z3, z3_once, z3_first = self._zero3_seconds(plan, layer, dp_per_node, share)
+        traffic = plan  # the ZeRO stage as far as traffic goes
+        if plan.pp > 1 and plan.zero > 1 and self.software.pipeline_unshards_once:
+            traffic = replace(plan, zero=1)
+        z3, z3_once, z3_first = self._zero3_seconds(traffic, layer, dp_per_node, share)
         pp_time = self._p2p_seconds(plan, sp, pp_across)
         per_layer = layer.compute + layer.recompute + layer.tp + layer.other + z3
         ends_first = head.compute + head.tp + head.other
@@ -407,7 +424,7 @@ class StepModel:
         n_slow, on_first, on_last = ((n_first, True, pp == 1) if slowest == t_first else
                                      (n_last, pp == 1, True) if slowest == t_last else (n_mid, False, False))
         stage_weights = max(params)
-        dp_time = self._dp_seconds(plan, stage_weights, layer, n_slow, dp_per_node, share)
+        dp_time = self._dp_seconds(traffic, stage_weights, layer, n_slow, dp_per_node, share)
         local = stage_weights / dp if plan.zero >= 1 else stage_weights
         per_param = FOREACH_ADAMW_BYTES if self.software.foreach_adamw else OPTIMIZER_BYTES[plan.precision]
         optimizer = self.device.memory_seconds(local * per_param)
@@ -458,11 +475,25 @@ class StepModel:
             table *= 2
         embedding = (collective_seconds("all_gather", table * eb, plan.dp, dp_per_node, c)
                      + collective_seconds("reduce_scatter", table * grad_bytes, plan.dp, dp_per_node, c))
-        if not self.software.dp_overlap:
+        copies += 3 * self._fsdp_wait(lp * eb, 1, plan.dp)  # two gathers and a reduce-scatter per layer
+        embedding += 2 * self._fsdp_wait(table * eb, 1, plan.dp)
+        if not self._dp_overlap(plan):
             return copies + 2 * ag + rs, 0.0, embedding
         backward = layer.compute - layer.forward + layer.recompute
         exposed = max(0.0, ag - layer.forward) + max(0.0, ag + rs - backward)
         return copies + exposed + (2 * ag + rs - exposed) * share, ag + rs, embedding
+
+    def _fsdp_wait(self, nbytes: float, units: int, dp: int) -> float:
+        """What one collective over each of ``units`` FSDP units (``nbytes`` of weights in all)
+        takes beyond the link model (``Device.fsdp_step_us``, ``fsdp_s_per_gb``)."""
+        d = self.device
+        return (dp - 1) * (units * d.fsdp_step_us * 1e-6 + d.fsdp_s_per_gb * nbytes / 1e9)
+
+    def _dp_overlap(self, plan: Plan) -> bool:
+        """Whether data-parallel traffic runs under compute. DDP's all-reduce runs on the process
+        group's own thread, on any device; FSDP overlaps through device streams, which a CPU
+        does not have, so there it waits for each gather and reduce-scatter."""
+        return self.software.dp_overlap and not (self.device.synchronous and plan.zero >= 1)
 
     def _p2p_seconds(self, plan: Plan, sp: bool, across_nodes: bool) -> float:
         """Pipeline transfers per micro-batch and stage: an activation forward and a gradient back,
@@ -496,8 +527,14 @@ class StepModel:
         kind = "all_reduce" if plan.zero == 0 else "reduce_scatter"
         grads = collective_seconds(kind, weights * grad_bytes, dp, dp_per_node, c)
         gather = collective_seconds("all_gather", weights * eb, dp, dp_per_node, c) if plan.zero else 0.0
-        if not self.software.dp_overlap:
-            return grads + gather
+        passes = 1
+        if plan.zero == 2:  # weights gathered and gradients reduce-scattered for every micro-batch
+            passes = self.global_batch // dp // plan.micro_batch
+            grads, gather = grads * passes, gather * passes
+        # FSDP's per-unit collectives (the layers' and the root's): a gather and a reduce-scatter
+        fsdp = 2 * passes * self._fsdp_wait(weights * eb, layers + 1, dp) if plan.zero else 0.0
+        if not self._dp_overlap(plan):
+            return grads + gather + fsdp
         sw = self.software
         if sw.bucket_params:
             params = min(weights, max(sw.bucket_params, sw.bucket_params_per_dp * dp))
@@ -510,7 +547,7 @@ class StepModel:
         if gather:
             exposed += max(gather - layers * layer.forward,
                            collective_seconds("all_gather", min(param_bucket, weights * eb), dp, dp_per_node, c))
-        return exposed + (grads + gather - exposed) * share
+        return exposed + (grads + gather - exposed) * share + fsdp
 
     def _memory(self, plan: Plan, layer: LayerCost, tail: EndCost, micro_batches: int) -> Memory:
         """Memory of the stage that needs the most: the first (most micro-batches in flight), a

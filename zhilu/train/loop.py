@@ -29,6 +29,8 @@ from torch.distributed.tensor.parallel import loss_parallel
 from zhilu.config import JobConfig
 from zhilu.data.corpus import load_corpus
 from zhilu.data.loader import ShardedLoader, eval_batches
+from zhilu.errors import ZhiluError
+from zhilu.hardware import cluster
 from zhilu.models.gpt import build_model, loss_fn
 from zhilu.models.presets import GPTConfig
 from zhilu.monitor.memory import tensor_bytes
@@ -39,6 +41,8 @@ from zhilu.parallel.data_parallel import gradient_sync, reshard
 from zhilu.parallel.local_sgd import ModelAveraging
 from zhilu.parallel.mesh import ParallelEnv, init_parallel, shutdown_parallel
 from zhilu.parallel.tensor_parallel import whole
+from zhilu.perf import job
+from zhilu.perf.step import Estimate
 from zhilu.plan import Plan
 from zhilu.train.checkpoint import Checkpointer, load_model
 from zhilu.train.optim import build_optimizer, clip_grad_norm, lr_at, set_lr
@@ -93,6 +97,8 @@ class Trainer:
         self.tokens_per_step = t.global_batch * t.seq_len
         self.flops_per_step = model_cfg.flops_per_token(t.seq_len) * self.tokens_per_step
         self.peak_flops = self._peak_flops()
+        self.hardware = cluster(cfg.parallel.hardware) if cfg.parallel.hardware else None
+        self.prediction = self._predict()
 
     # -- one optimizer step ---------------------------------------------------------------
     def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -147,6 +153,13 @@ class Trainer:
             f"plan {self.plan.describe()} on {env.world_size} x {self.device.type}, "
             f"{t.global_batch} x {t.seq_len} tokens/step" + (f", resumed at step {self.step}" if self.step else "")
         )
+        if self.prediction is not None:
+            e = self.prediction
+            parts = sorted(((v / e.step_time_s, k) for k, v in e.breakdown.items() if v >= 0.01 * e.step_time_s),
+                           reverse=True)
+            progress.print(f"predicted {e.step_time_s * 1e3:,.0f} ms/step (" + ", ".join(
+                f"{k} {share:.0%}" for share, k in parts) + f"), {e.memory_gib_per_device * 1024:,.1f} MiB per rank "
+                f"of model states and activations; hardware: {self.cfg.parallel.hardware}")
         wall_start = time.perf_counter()
         step_times: list[float] = []
         last_loss = float("nan")
@@ -185,6 +198,7 @@ class Trainer:
             return None
         sample = self.sample(t.sample_tokens) if t.sample_tokens else None
         measured = statistics.median(step_times[1:] or step_times) if step_times else None
+        predicted = self.prediction.step_time_s if self.prediction is not None else None
         summary = {
             "plan": self.plan.to_dict(),
             "world_size": env.world_size,
@@ -192,8 +206,14 @@ class Trainer:
             "model": self.cfg.model.preset,
             "params": self.model_cfg.num_params(),
             "steps": t.steps,
-            "predicted_step_time_s": None,
+            "seq_len": t.seq_len,
+            "global_batch": t.global_batch,
+            "hardware": self.cfg.parallel.hardware or None,
+            "predicted_step_time_s": predicted,
             "measured_step_time_s": measured,
+            "prediction_error": measured / predicted - 1 if measured and predicted else None,
+            "predicted_breakdown": self.prediction.breakdown if self.prediction is not None else None,
+            "predicted_memory_mib_per_rank": self.prediction.memory_gib_per_device * 1024 if predicted else None,
             "tokens_per_s": self.tokens_per_step / measured if measured else None,
             "mfu": self.flops_per_step / measured / self.peak_flops if measured else None,
             "final_loss": last_loss,
@@ -202,10 +222,36 @@ class Trainer:
             "restarts": self.restarts,
             "memory_mib_per_rank": getattr(self, "memory_mib", None),  # None when resumed past step 1
             "sample": sample,
+            "explain": self._explain(),
         }
         _write_json(self.run_dir / "summary.json", summary)
         _print_summary(progress, summary, self.run_dir)
         return summary
+
+    def _predict(self) -> Estimate | None:
+        """The performance model's step time and memory for this job (rank 0; None without hardware)."""
+        if not self.env.is_main:
+            return None
+        if self.hardware is None:
+            print("no prediction: this device is not known; `zhilu calibrate` measures it")
+            return None
+        t = self.cfg.train
+        try:
+            return job.predict(self.model_cfg, t.seq_len, t.global_batch, self.plan, self.hardware, self.device.type,
+                               self.env.local_world_size, self.cfg.parallel.average_optimizer_state)
+        except ZhiluError as e:  # a plan the model does not cover still trains
+            print(f"no prediction: {e}")
+            return None
+
+    def _explain(self) -> dict[str, Any] | None:
+        if self.prediction is None:
+            return None
+        t = self.cfg.train
+        try:
+            return job.explain(self.model_cfg, t.seq_len, t.global_batch, self.plan, self.hardware, self.device.type,
+                               self.env.local_world_size)
+        except ZhiluError:
+            return None
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -272,6 +318,10 @@ class Trainer:
                        ("RSS" if self.device.type == "cpu" else "allocated"))
         for rank, row in enumerate(self.memory_mib):
             progress.print(f"  rank {rank}: " + " / ".join(f"{row[k]:,.1f}" for k in keys))
+        if self.prediction is not None:
+            m = self.prediction.memory
+            progress.print(f"  predicted (most loaded rank): {m.weights / 2**20:,.1f} / {m.gradients / 2**20:,.1f} / "
+                           f"{m.optimizer / 2**20:,.1f} / {m.total / 2**20:,.1f} of states, activations and buffers")
 
     def _record(self, step: int, loss: float, step_time: float) -> dict[str, Any]:
         tokens_per_s = self.tokens_per_step / step_time
@@ -326,6 +376,16 @@ def _print_summary(progress: TrainProgress, s: dict[str, Any], run_dir: Path) ->
         f"MFU {100 * s['mfu']:.1f}%",
         f"[bold]loss[/]        train {s['final_loss']:.4f}, validation {s['final_val_loss']:.4f}",
     ]
+    if s["prediction_error"] is not None:
+        lines.insert(2, f"[bold]predicted[/]   {s['predicted_step_time_s'] * 1e3:.0f} ms/step, measured "
+                        f"{s['measured_step_time_s'] * 1e3:.0f} ({s['prediction_error']:+.0%})")
+    if s["explain"] is not None:
+        x = s["explain"]
+        line = f"[bold]time goes to[/] {x['meaning']} ({x['share']:.0%} of the predicted step)"
+        if x["switch_to"]:
+            w = x["switch_to"]
+            line += f"; --plan {w['plan']} is predicted {w['predicted_speedup']:.2f}x faster"
+        lines.append(line)
     lines.append(f"[bold]run[/]         {run_dir}")
     for line in lines:
         progress.print(line)
