@@ -159,7 +159,9 @@ class Trainer:
                            reverse=True)
             progress.print(f"predicted {e.step_time_s * 1e3:,.0f} ms/step (" + ", ".join(
                 f"{k} {share:.0%}" for share, k in parts) + f"), {e.memory_gib_per_device * 1024:,.1f} MiB per rank "
-                f"of model states and activations; hardware: {self.cfg.parallel.hardware}")
+                f"of model states and activations; hardware: {self.cfg.parallel.hardware}"
+                + (" (a rough preset; `zhilu calibrate` measures this machine)"
+                   if self.cfg.parallel.hardware == "cpu" else ""))
         wall_start = time.perf_counter()
         step_times: list[float] = []
         last_loss = float("nan")
