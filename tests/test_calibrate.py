@@ -45,12 +45,13 @@ def test_the_link_fit_recovers_latency_and_bandwidth() -> None:
 
 
 @pytest.mark.parametrize("args, field", [
-    (["--nproc", "0"], "nproc"),
-    (["--out", "hw.txt"], "out"),
-    (["--device", "tpu"], "arguments"),
+    (["--nproc", "0", "--out", "OUT/hw.toml"], "nproc"),
+    (["--out", "OUT/hw.txt"], "out"),
+    (["--out", "/proc/hw.toml"], "out"),  # a folder nobody may write: refused before measuring
+    (["--device", "tpu", "--out", "OUT/hw.toml"], "arguments"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args: list[str], field: str, tmp_path: Path) -> None:
-    result = zhilu("calibrate", *args)
-    assert result.returncode == 2
+    result = zhilu("calibrate", *(a.replace("OUT", str(tmp_path)) for a in args))
+    assert result.returncode == 2, result.stderr
     assert result.stderr.startswith(f"error: {field}") and result.stderr.count("\n") == 1
-    assert not list(tmp_path.iterdir())
+    assert "calibrating" not in result.stdout and not list(tmp_path.iterdir())  # nothing measured or written

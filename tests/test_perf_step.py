@@ -128,7 +128,14 @@ def test_heads_not_divisible_by_tp():
 
 def test_plan_spec_for_zhilu_train():
     e = steps().evaluate(Plan(2, 2, 2, 1, 1, "interleaved", 4, "selective", True))
-    assert e.plan_spec() == "dp=2,tp=2,pp=2,zero=1,mb=32,recompute=selective,schedule=interleaved,vstages=4,sp=true"
+    spec = "dp=2,tp=2,pp=2,zero=1,mb=32,schedule=interleaved,vstages=4,sp=true,recompute=selective"
+    assert e.plan_spec() == spec  # 64 sequences over dp=2: 32 micro-batches of one
+
+    from zhilu.plan import Plan as TrainPlan
+
+    assert TrainPlan.parse(spec, 8).to_dict() == {"dp": 2, "tp": 2, "pp": 2, "zero": 1, "mb": 32,
+                                                  "schedule": "interleaved", "vstages": 4, "sp": True,
+                                                  "recompute": "selective", "avg_every": 0}
 
 
 def test_foreach_adamw_moves_92_bytes_per_parameter_where_fused_moves_42():

@@ -24,6 +24,7 @@ import contextlib
 import os
 import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -81,6 +82,11 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else hardware.calibrated_path(device, nproc)
     if out.suffix != ".toml":
         raise ZhiluError("out", f"{out} must end in .toml")
+    try:  # a file can be written there: found out before measuring, not after
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out.parent).close()
+    except OSError as e:
+        raise ZhiluError("out", f"cannot write in {out.parent} ({e.strerror}); give another --out") from None
     print(f"calibrating {nproc} x {device} process{'es' * (nproc > 1)} (about half a minute)", flush=True)
     c = calibrate(device, nproc)
     hardware.save(c, out)
@@ -113,22 +119,12 @@ def calibrate(device: str, nproc: int) -> Cluster:
 
 def measure(device_type: str) -> dict[str, Any]:
     """What one process measures (every process of the job at once); a plain dict, no tensors."""
-    import torch
     import torch.distributed as dist
 
-    from zhilu.parallel.mesh import share_cores
+    from zhilu.parallel.mesh import join_group
 
     world = int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if device_type == "cuda":
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-        share_cores(int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    if world > 1:
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo",
-                                device_id=device if device_type == "cuda" else None)
+    device = join_group(device_type)
     try:
         out = _measure_device(device)
         out["comm"] = _measure_comm(device) if world > 1 else []
@@ -262,82 +258,74 @@ def _layer_config(shape: dict[str, int], layers: int) -> GPTConfig:
                      vocab_size=256, max_seq_len=shape["seq_len"])
 
 
+def _layer_seconds(device: Any, shape: dict[str, int], wrap: Callable[[Any], Any],
+                   context: Callable[[], Any] = contextlib.nullcontext) -> tuple[float, float]:
+    """Forward and backward of zhilu's model at ``shape``, wrapped by ``wrap``: seconds of one layer
+    (models of 1 and 3 layers timed, the difference halved) and of the rest (embedding, output, loss)."""
+    import torch
+
+    from zhilu.models.gpt import build_model, loss_fn
+
+    timed = _timer(device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    x = torch.randint(0, 256, (shape["batch"], shape["seq_len"]), device=device)
+    seconds = {}
+    for layers in (1, 3):
+        model = wrap(build_model(_layer_config(shape, layers), device))
+
+        def step(model=model) -> None:
+            with context():
+                with autocast:
+                    loss = loss_fn(model(x), x)
+                loss.backward()
+
+        seconds[layers] = statistics.median(timed(step, 0.2) for _ in range(_PASSES))
+    layer = (seconds[3] - seconds[1]) / 2
+    return layer, seconds[1] - layer
+
+
 def _measure_tensor_parallel(device: Any) -> list[dict[str, Any]]:
     """Seconds of one of zhilu's tensor-parallel layers (tp=2) and of the rest of the model, at a
-    tiny size (host and waiting time alone) and at a training size.
-
-    Models of 1 and 3 layers are timed forward and backward: the difference is one layer, what
-    is left the embedding, output and loss. Every pair of processes runs its own
-    tensor-parallel group, all at once.
-    """
-    import torch
+    tiny size (host and waiting time alone) and at a training size. Every pair of processes runs
+    its own tensor-parallel group, all at once."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import loss_parallel
 
-    from zhilu.models.gpt import build_model, loss_fn
     from zhilu.parallel.tensor_parallel import apply_tensor_parallel
 
-    timed = _timer(device)
     mesh = init_device_mesh(device.type, (dist.get_world_size() // 2, 2), mesh_dim_names=("dp", "tp"))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+    def tensor_parallel(model: Any) -> Any:
+        apply_tensor_parallel(model, mesh["tp"], False)
+        return model
+
     out = []
     for shape in (_TINY_LAYER, _GPU_LAYER if device.type == "cuda" else _CPU_LAYER):
-        x = torch.randint(0, 256, (shape["batch"], shape["seq_len"]), device=device)
-        seconds = {}
-        for layers in (1, 3):
-            model = build_model(_layer_config(shape, layers), device)
-            apply_tensor_parallel(model, mesh["tp"], False)
-
-            def step(model=model) -> None:
-                with loss_parallel():
-                    with autocast:
-                        loss = loss_fn(model(x), x)
-                    loss.backward()
-
-            seconds[layers] = statistics.median(timed(step, 0.2) for _ in range(_PASSES))
-        layer = (seconds[3] - seconds[1]) / 2
-        out.append({"shape": shape, "layer": layer, "ends": seconds[1] - layer})
+        layer, ends = _layer_seconds(device, shape, tensor_parallel, loss_parallel)
+        out.append({"shape": shape, "layer": layer, "ends": ends})
     return out
 
 
-def _measure_fsdp(device: Any) -> dict[str, Any]:
+def _measure_fsdp(device: Any) -> list[dict[str, Any]]:
     """Seconds that ZeRO-3 (zhilu's FSDP2 over every process) adds to one layer, forward and
-    backward, at two sizes: models of 1 and 3 layers timed with and without it, the differences
-    taken."""
-    import torch
+    backward, at two sizes: the layer timed with and without it."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from zhilu.models.gpt import build_model, loss_fn
     from zhilu.parallel.data_parallel import apply_data_parallel
     from zhilu.parallel.mesh import ParallelEnv
     from zhilu.plan import Plan
 
-    timed = _timer(device)
     world = dist.get_world_size()
     mesh = init_device_mesh(device.type, (1, world, 1), mesh_dim_names=("pp", "dp", "tp"))
     env = ParallelEnv(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", 0)),
                       int(os.environ.get("LOCAL_WORLD_SIZE", world)), device, mesh)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     out = []
     for shape in _FSDP_LAYERS:
-        x = torch.randint(0, 256, (shape["batch"], shape["seq_len"]), device=device)
-        seconds = {}
-        for sharded in (False, True):
-            for layers in (1, 3):
-                model = build_model(_layer_config(shape, layers), device)
-                if sharded:
-                    model = apply_data_parallel(model, Plan(dp=world, zero=3), env)
-
-                def step(model=model) -> None:
-                    with autocast:
-                        loss = loss_fn(model(x), x)
-                    loss.backward()
-
-                seconds[sharded, layers] = statistics.median(timed(step, 0.2) for _ in range(_PASSES))
-        layer = {k: (seconds[k, 3] - seconds[k, 1]) / 2 for k in (False, True)}
-        out.append({"shape": shape, "added": layer[True] - layer[False]})
+        plain, _ = _layer_seconds(device, shape, lambda model: model)
+        sharded, _ = _layer_seconds(device, shape, lambda model: apply_data_parallel(model, Plan(dp=world, zero=3), env))
+        out.append({"shape": shape, "added": sharded - plain})
     return out
 
 

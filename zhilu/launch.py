@@ -125,7 +125,11 @@ def _hardware(name: str, calibrate: bool, device: str, nproc: int) -> str:
         path = hardware.calibrated_path(device, nproc)
         if not path.exists():
             print(f"plan auto: calibrating this machine first ({nproc} x {device}; saved to {path})", flush=True)
-            hardware.save(measure(device, nproc), path)
+            try:
+                hardware.save(measure(device, nproc), path)
+            except OSError as e:
+                raise ZhiluError("parallel.hardware", f"cannot write the calibration to {path} ({e.strerror}); "
+                                 "set XDG_CACHE_HOME, or give a preset or hardware file") from None
     gpu = torch.cuda.get_device_name() if device == "cuda" else ""
     try:
         return job.hardware(name, device, nproc, gpu)[1]

@@ -54,19 +54,28 @@ def init_parallel(plan: Plan, device_type: str) -> ParallelEnv:
     world = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    device = join_group(device_type)
+    mesh = None
+    if world > 1:
+        # tp innermost: its ranks are neighbours, on one node when the launch fills nodes in order.
+        mesh = init_device_mesh(device_type, (plan.pp, plan.dp, plan.tp), mesh_dim_names=("pp", "dp", "tp"))
+    return ParallelEnv(rank, world, local_rank, local_world, device, mesh)
+
+
+def join_group(device_type: str) -> torch.device:
+    """This process's device (its GPU, or its share of the CPU cores), and the process group
+    (gloo on CPU, NCCL on CUDA) when there is more than one process."""
     if device_type == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-        share_cores(local_world)
-    mesh = None
-    if world > 1:
-        backend = "nccl" if device_type == "cuda" else "gloo"
-        dist.init_process_group(backend, device_id=device if device_type == "cuda" else None)
-        # tp innermost: its ranks are neighbours, on one node when the launch fills nodes in order.
-        mesh = init_device_mesh(device_type, (plan.pp, plan.dp, plan.tp), mesh_dim_names=("pp", "dp", "tp"))
-    return ParallelEnv(rank, world, local_rank, local_world, device, mesh)
+        share_cores(int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo",
+                                device_id=device if device_type == "cuda" else None)
+    return device
 
 
 def share_cores(local_world: int) -> None:

@@ -128,13 +128,9 @@ class Estimate:
 
     def plan_spec(self) -> str:
         """The plan as a ``zhilu train --plan`` SPEC (``mb`` counts micro-batches per step)."""
-        p = self.plan
-        spec = f"dp={p.dp},tp={p.tp},pp={p.pp},zero={p.zero},mb={self.micro_batches},recompute={p.recompute}"
-        if p.pp > 1:
-            spec += f",schedule={p.schedule},vstages={p.virtual_stages}"
-        if p.tp > 1:
-            spec += f",sp={str(p.sequence_parallel).lower()}"
-        return spec
+        from zhilu.perf.job import spec, train_plan
+
+        return spec(train_plan(self))
 
     def as_dict(self) -> dict[str, object]:
         """The plan's entry of ``zhilu plan --json`` (DESIGN.md section 3)."""
