@@ -19,12 +19,13 @@ import time
 import torch
 
 from zhilu.config import JobConfig
-from zhilu.launch import prepare
-from zhilu.models.gpt import build_model, loss_fn
-from zhilu.monitor.mfu import measure_matmul_flops
+from zhilu.launch.prepare import prepare
+from zhilu.models.gpt import build_model
+from zhilu.monitor.matmul_rate import measure_matmul_flops
 from zhilu.parallel.mesh import init_parallel
-from zhilu.train.loop import Trainer
-from zhilu.train.optim import lr_at
+from zhilu.spec import token_cross_entropy as loss_fn
+from zhilu.training.trainer import Trainer
+from zhilu.training.optim import lr_at
 
 
 def main() -> None:
@@ -40,13 +41,14 @@ def main() -> None:
         return
 
     cfg = JobConfig()
-    cfg.model.preset, cfg.model.compile = args.model, True
+    cfg.model.name, cfg.model.compile = args.model, True
     cfg.train.global_batch, cfg.train.seq_len = args.batch, args.seq_len
     cfg.launch.device, cfg.launch.nproc = "cuda", 1
     with tempfile.TemporaryDirectory() as tmp:
         cfg.run.out = f"{tmp}/run"
-        cfg, plan, model_cfg = prepare(cfg)
-        trainer = Trainer(cfg, plan, model_cfg, init_parallel(plan, "cuda"))
+        cfg, plan, spec = prepare(cfg)
+        trainer = Trainer(cfg, plan, spec, init_parallel(plan, "cuda"))
+    model_cfg = spec.shape
     device = trainer.device
 
     model = torch.compile(build_model(model_cfg, device, seed=0))

@@ -25,11 +25,12 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from zhilu.config import JobConfig
-from zhilu.launch import prepare
-from zhilu.models.gpt import build_model, loss_fn
+from zhilu.launch.prepare import prepare
+from zhilu.models.gpt import build_model
 from zhilu.parallel.mesh import init_parallel, shutdown_parallel
-from zhilu.train.loop import Trainer
-from zhilu.train.optim import lr_at
+from zhilu.spec import token_cross_entropy as loss_fn
+from zhilu.training.trainer import Trainer
+from zhilu.training.optim import lr_at
 
 warnings.filterwarnings("ignore", category=FutureWarning)  # DDP(broadcast_buffers=...) in the plain loop
 
@@ -58,9 +59,10 @@ def plain_ddp_loop(cfg: JobConfig, model_cfg, loader):
 def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    cfg, plan, model_cfg = args.job
+    cfg, plan, spec = args.job
+    model_cfg = spec.shape
     env = init_parallel(plan, "cpu")
-    trainer = Trainer(cfg, plan, model_cfg, env)
+    trainer = Trainer(cfg, plan, spec, env)
 
     def zhilu_step() -> None:
         trainer.train_step(*trainer.next_batch())

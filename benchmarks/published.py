@@ -29,7 +29,9 @@ from zhilu.models.presets import GPTConfig  # noqa: E402
 from zhilu.perf.flops import Transformer  # noqa: E402
 from zhilu.perf.memory import GIB  # noqa: E402
 from zhilu.perf.search import search  # noqa: E402
-from zhilu.perf.step import Plan, Software, StepModel  # noqa: E402
+from zhilu.perf.software import Software  # noqa: E402
+from zhilu.perf.step import StepModel  # noqa: E402
+from zhilu.plan import Plan  # noqa: E402
 
 DEFAULT_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "published"
 
@@ -38,17 +40,18 @@ DEFAULT_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "publis
 # norm), explicit attention with dropout, fp16 gradients all-reduced after backward by its
 # "local" DDP (--DDP-impl local, the default then: no overlap).
 MEGATRON_2020 = Software("Megatron-LM 2020", fused_kernels=True, flash_attention=False, dp_overlap=False,
-                         grad_reduce_bytes=2, p2p_scatter_gather=True, fused_projections=True)
+                         grad_reduce_bytes=2, p2p_scatter_gather=True, fused_projections=True, stage_split="even")
 # Megatron-LM 2022 (Korthikanti et al.): the same kernels, fp32 gradient accumulation, blocking
 # pipeline transfers that send 1/tp of an activation and all-gather it over NVLink (its default
 # scatter-gather optimisation), no data parallelism in the runs.
 MEGATRON_2022 = Software("Megatron-LM 2022", fused_kernels=True, flash_attention=False, dp_overlap=False,
-                         p2p_scatter_gather=True, fused_projections=True)
+                         p2p_scatter_gather=True, fused_projections=True, stage_split="even")
 # Megatron-Core r0.8 (2024): Transformer Engine kernels and fused attention, and "DP/TP/PP
 # communication overlap on" (its README). Its DistributedDataParallel groups gradients in buckets of
 # max(40M, 1M x dp) parameters (megatron/core/distributed/distributed_data_parallel.py, bucket_size).
 MEGATRON_CORE = Software("Megatron-Core 0.8", fused_kernels=True, tp_overlap=True, pp_overlap=True,
-                         fused_projections=True, bucket_params=40_000_000, bucket_params_per_dp=1_000_000)
+                         fused_projections=True, bucket_params=40_000_000, bucket_params_per_dp=1_000_000,
+                         stage_split="even")
 # torchtitan (2024): eager PyTorch with SDPA flash attention and FSDP2 prefetch; reduce in fp32.
 # "selective op" is PyTorch's per-op policy, "selective layer" checkpoints every second layer.
 # Its optimizer is PyTorch's AdamW with foreach=True (job config optimizer.fused defaults to False).
@@ -118,11 +121,9 @@ def read(path: Path) -> list[dict[str, str]]:
 
 def predict(model: Transformer, hw: hardware.Cluster, global_batch: int, software: Software,
             require_fit: bool = True, **plan) -> float:
-    """Step time of a plan; fields the source leaves open are searched among the plans that fit."""
-    fields = {"precision": "bf16", **plan}
-    if {"dp", "tp", "pp", "zero", "micro_batch", "schedule", "recompute", "sequence_parallel"} <= set(fields):
-        return StepModel(model, hw, global_batch, software).evaluate(Plan(**fields)).step_time_s
-    return search(model, hw, global_batch, fixed=fields, software=software, top=1,
+    """Step time of a plan (``micro_batch``: sequences per micro-batch); fields the source leaves
+    open are searched among the plans that fit, a plan given whole is evaluated as it is."""
+    return search(model, hw, global_batch, fixed={"precision": "bf16", **plan}, software=software, top=1,
                   require_fit=require_fit)[0].step_time_s
 
 
@@ -134,11 +135,11 @@ def step_rows(root: Path) -> list[Row]:
         tp, pp, gpus = int(r["tp"]), int(r["pp"]), int(r["gpus"])
         v = 3 if r["model"] in ("175B", "530B") else 1
         common = dict(dp=1, tp=tp, pp=pp, zero=0, micro_batch=int(r["micro_batch"]),
-                      schedule="interleaved" if v > 1 else "1f1b", virtual_stages=v)
+                      schedule="interleaved" if v > 1 else "1f1b", vstages=v)
         hw = a100.sized(gpus)
         for mode, col, rec, sp in (("full recompute", "iter_s_full_recompute", "full", False),
                                    ("seq-par + selective", "iter_s_present_work", "selective", True)):
-            t = predict(model, hw, int(r["global_batch"]), MEGATRON_2022, recompute=rec, sequence_parallel=sp, **common)
+            t = predict(model, hw, int(r["global_batch"]), MEGATRON_2022, recompute=rec, sp=sp, **common)
             rows.append(Row("Korthikanti 2022 T5", f"{r['model']} {mode}", float(r[col]), t))
 
     systems = {"dgx2_v100": "v100-32gb", "dgx_a100": "a100-40gb", "dgx_a100_dp": "a100-40gb"}
@@ -148,7 +149,7 @@ def step_rows(root: Path) -> list[Row]:
         dp = gpus // tp
         hw = hardware.PRESETS[systems[r["system"]]].sized(gpus)
         t = predict(model, hw, batch, MEGATRON_2020, dp=dp, tp=tp, pp=1, zero=0, micro_batch=batch // dp,
-                    schedule="1f1b", recompute="full", sequence_parallel=False)
+                    schedule="1f1b", recompute="full", sp=False)
         rows.append(Row("Megatron 2020 TP", f"{r['case']} tp={tp} {r['system']}", float(r["iter_ms"]) / 1e3, t))
 
     h100 = hardware.PRESETS["h100-sxm"]
@@ -158,7 +159,7 @@ def step_rows(root: Path) -> list[Row]:
         published = model.model_flops_per_token * batch * 4096 / (gpus * float(r["tflops_per_gpu"]) * 1e12)
         # Micro-batch, schedule and recompute are not stated: searched (the fastest plan that fits).
         t = predict(model, h100.sized(gpus), batch, MEGATRON_CORE, dp=int(r["dp"]), tp=int(r["tp"]),
-                    pp=int(r["pp"]), zero=1, sequence_parallel=True)
+                    pp=int(r["pp"]), zero=1, sp=True)
         rows.append(Row("Megatron-Core H100", f"{r['model']} tp={r['tp']} pp={r['pp']} dp={r['dp']}", published, t))
 
     ac = {"none": ("none", TORCHTITAN), "full": ("full", TORCHTITAN), "selective_op": ("selective", TORCHTITAN),
@@ -167,7 +168,7 @@ def step_rows(root: Path) -> list[Row]:
         seq, b, gpus = int(r["seq_len"]), int(r["local_batch"]), int(r["gpus"])
         rec, sw = ac[r["ac"]]
         t = predict(llama(r["model"], seq), a100.sized(gpus), b * gpus, sw, dp=gpus, tp=1, pp=1, zero=3,
-                    micro_batch=b, schedule="1f1b", recompute=rec, sequence_parallel=False)
+                    micro_batch=b, schedule="1f1b", recompute=rec, sp=False)
         rows.append(Row("torchtitan A100", f"{r['model']} b={b} ac={r['ac']}", b * seq / float(r["wps_per_gpu"]), t))
 
     for r in read(root / "torchtitan_405b_h100_2024.csv"):
@@ -178,7 +179,7 @@ def step_rows(root: Path) -> list[Row]:
             rows.append(Row("torchtitan 405B", label, published, note="not modelled: float8 matmuls"))
             continue
         t = predict(llama(r["model"], 8192), GRAND_TETON.sized(int(r["gpus"])), b * dp, TORCHTITAN, dp=dp, tp=tp,
-                    pp=1, zero=3, micro_batch=b, schedule="1f1b", recompute="full", sequence_parallel=True)
+                    pp=1, zero=3, micro_batch=b, schedule="1f1b", recompute="full", sp=True)
         rows.append(Row("torchtitan 405B", label, published, t))
 
     for r in read(root / "torchtitan_asynctp_h100_202506.csv"):
@@ -193,7 +194,7 @@ def step_rows(root: Path) -> list[Row]:
         # all runs torch.compile; torchtitan of 2025 wraps the embedding and the output layer apart
         sw = replace(sw, fused_kernels=True, tp_overlap=r["tp_type"] == "async", fsdp_output_with_embedding=False)
         t = predict(llama(r["model"], 8192), GRAND_TETON.sized(gpus), b * dp, sw, dp=dp, tp=tp, pp=1, zero=3,
-                    micro_batch=b, schedule="1f1b", recompute=rec, sequence_parallel=True)
+                    micro_batch=b, schedule="1f1b", recompute=rec, sp=True)
         rows.append(Row("torchtitan async-TP", label, published, t))
 
     for r in read(root / "torchtitan_llama31_h100_202412.csv"):
@@ -206,7 +207,7 @@ def step_rows(root: Path) -> list[Row]:
         gpus = int(r["gpus"])
         sw = TORCHTITAN_COMPILE if "compile" in r["techniques"] else TORCHTITAN
         t = predict(llama(r["model"], seq), GRAND_TETON.sized(gpus), b * gpus, sw, dp=gpus, tp=1, pp=1, zero=3,
-                    micro_batch=b, schedule="1f1b", recompute="selective", sequence_parallel=False)
+                    micro_batch=b, schedule="1f1b", recompute="selective", sp=False)
         rows.append(Row("torchtitan H100", label, published, t))
 
     for r in read(root / "llama3_2024_table4_405b.csv"):
@@ -221,7 +222,7 @@ def step_rows(root: Path) -> list[Row]:
         # Sec. 3.3.2: interleaved 1F1B, and 8K sequences "without activation checkpointing". Its
         # memory-balancing work made that fit; this model's memory does not know it, so fit is not asked.
         t = predict(model, h100.sized(gpus), batch, LLAMA3, require_fit=False, dp=dp, tp=tp, pp=pp,
-                    sequence_parallel=True, schedule="interleaved", recompute="none")
+                    sp=True, schedule="interleaved", recompute="none")
         rows.append(Row("Llama 3 Table 4", label, published, t))
     return rows
 
@@ -234,10 +235,12 @@ def memory_rows(root: Path) -> list[Row]:
         model = gpt(int(c["layers"]), int(c["hidden"]), int(c["heads"]), 51200, 2048, tied=True)
         v = 3 if r["model"] in ("175B", "530B") else 1
         rec, sp = ("none", False) if r["mode"] == "none" else ("selective", True)
-        plan = Plan(1, int(c["tp"]), int(c["pp"]), 0, int(c["micro_batch"]), "interleaved" if v > 1 else "1f1b",
-                    v, rec, sp)
+        batch = int(c["global_batch"])
+        plan = Plan(dp=1, tp=int(c["tp"]), pp=int(c["pp"]), mb=batch // int(c["micro_batch"]),
+                    schedule="interleaved" if v > 1 else "1f1b", vstages=v if v > 1 else 0, sp=sp, recompute=rec,
+                    precision="bf16")
         hw = hardware.PRESETS["a100-80gb"].sized(int(c["gpus"]))
-        mem = StepModel(model, hw, int(c["global_batch"]), MEGATRON_2022).evaluate(plan).memory
+        mem = StepModel(model, hw, batch, MEGATRON_2022).evaluate(plan).memory
         published = float(r["par_opt_gib"]) + float(r["act_gib"])
         rows.append(Row("Korthikanti 2022 Fig. 1", f"{r['model']} {r['mode']}", published, mem.total / GIB))
     for r in read(root / "torchtitan_llama31_h100_202412.csv"):
@@ -245,7 +248,7 @@ def memory_rows(root: Path) -> list[Row]:
             continue
         b, seq, gpus = int(r["local_batch"]), int(r["seq_len"] or 8192), int(r["gpus"])
         sw = TORCHTITAN_COMPILE if "compile" in r["techniques"] else TORCHTITAN
-        plan = Plan(gpus, 1, 1, 3, b, "1f1b", 1, "selective", False)
+        plan = Plan(dp=gpus, zero=3, mb=1, recompute="selective", precision="bf16")
         mem = StepModel(llama(r["model"], seq), GRAND_TETON.sized(gpus), b * gpus, sw).evaluate(plan).memory
         rows.append(Row("torchtitan H100", f"T{r['table']} {r['model']} {gpus} GPUs {r['techniques']}",
                         float(r["mem_gib"]), mem.total / GIB))

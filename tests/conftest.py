@@ -14,7 +14,7 @@ import torch
 
 from zhilu.models.gpt import build_model
 from zhilu.models.presets import preset
-from zhilu.train.checkpoint import latest_checkpoint, load_model
+from zhilu.training.checkpoint import latest_checkpoint, load_model
 
 # A model small enough that a 10-step, 2-process run takes seconds.
 MICRO = [

@@ -25,7 +25,7 @@ CASES = {
     "wrong type": (["--steps", "ten"], "train.steps"),
     "negative steps": (["--steps", "-1"], "train.steps"),
     "bad bool": (["--model.compile", "maybe"], "model.compile"),
-    "unknown preset": (["--model", "gpt-9"], "model.preset"),
+    "unknown model": (["--model", "gpt-9"], "model.name"),
     "unknown device": (["--device", "tpu"], "launch.device"),
     "unknown flag": (["--stepps", "5"], "arguments"),
     "degrees not the world size": (["--nproc", "2", "--plan", "dp=4"], "parallel.plan"),

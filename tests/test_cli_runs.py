@@ -23,3 +23,35 @@ def test_plan_runs_end_to_end(nproc: str, plan: str, tmp_path: Path) -> None:
     assert summary["world_size"] == int(nproc)
     assert math.isfinite(summary["final_loss"]) and math.isfinite(summary["final_val_loss"])
     assert summary["sample"] and "sample" in result.stdout
+    assert "Warning" not in result.stderr, result.stderr
+
+
+def test_help_lists_every_setting_with_its_default() -> None:
+    from zhilu.config import settings_help
+
+    result = zhilu("train", "--help")
+    assert result.returncode == 0
+    for key, text, default in settings_help():
+        assert f"--{key} " in result.stdout and text.split(";")[0][:30] in " ".join(result.stdout.split()), key
+    assert "--train.lr 0.003" in result.stdout and "--model.name 'gpt-tiny'" in result.stdout
+
+
+def test_dry_run_checks_and_prints_without_writing(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = zhilu("train", "--dry-run", "--plan", "dp=2,zero=3", "--steps", "7", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "steps = 7" in result.stdout and 'plan = "dp=2,zero=3"' in result.stdout and "nproc = 2" in result.stdout
+    assert "# data: python" in result.stdout and "standard library" in result.stdout
+    assert "training and" in result.stdout and "# predicted" in result.stdout
+    assert not out.exists()
+    bad = zhilu("train", "--dry-run", "--plan", "dp=2,tp=5", "--out", str(out))
+    assert bad.returncode == 2 and bad.stderr.startswith("error: parallel.plan")
+
+
+def test_the_plan_sets_the_process_count_on_cpu_and_torch_warns_of_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = zhilu("train", "--plan", "dp=2,zero=3", "--steps", "2", "--seq-len", "32", "--global-batch", "4",
+                   "--train.sample_tokens", "0", "--train.eval_batches", "1", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+    assert "Warning" not in result.stderr, result.stderr

@@ -8,7 +8,10 @@ import pytest
 import torch
 
 from zhilu.errors import ZhiluError
-from zhilu.models.gpt import GPT, build_model, loss_fn
+from zhilu.models.gpt import GPT, build_model
+from zhilu.models.gpt.spec import gpt_spec
+from zhilu.spec import resolve_patterns, token_cross_entropy as loss_fn
+from zhilu.training.sample import generate
 from zhilu.models.presets import GPTConfig
 
 TINY = GPTConfig(n_layers=2, hidden=32, n_heads=4, ffn_hidden=64, vocab_size=64, max_seq_len=32)
@@ -114,15 +117,19 @@ def test_num_params_matches_config(cfg: GPTConfig) -> None:
     assert GPT(cfg).num_params == cfg.num_params()
 
 
-def test_tp_plan_and_pipeline_units_name_real_modules() -> None:
+def test_tp_plan_and_pipeline_split_name_real_modules() -> None:
     model = build_model(TINY)
-    block = model.layers["1"]
-    for name, style in GPT.TP_PLAN.items():
-        assert isinstance(block.get_submodule(name), torch.nn.Linear) and style in ("colwise", "rowwise")
-    units = model.pipeline_units()
-    assert units == ["tok_embeddings", "layers.0", "layers.1", "norm", "output"]
-    for name in units:
+    spec = gpt_spec(TINY)
+    resolved = resolve_patterns(model, spec.tp_plan)
+    assert len(resolved) == 2 + 7 * TINY.n_layers  # embedding, output and seven projections per block
+    for name, style in resolved.items():
+        module = model.get_submodule(name)
+        assert style in ("colwise", "rowwise", "embedding", "output"), name
+        assert isinstance(module, (torch.nn.Linear, torch.nn.Embedding)), name
+    assert len(resolve_patterns(model, spec.sp_plan)) == 1 + 4 * TINY.n_layers
+    for name in (*spec.pipeline.first, *spec.pipeline.last):
         model.get_submodule(name)
+    assert list(spec.blocks_of(model)) == ["0", "1"]
 
 
 def test_column_sharded_attention_heads_sum_to_the_full_output() -> None:
@@ -167,10 +174,14 @@ def test_one_adamw_step_lowers_the_loss() -> None:
     assert loss_fn(model(inputs), targets).item() < loss.item()
 
 
+def gen(model: GPT, prompt: torch.Tensor, n: int, **options: object) -> torch.Tensor:
+    return generate(model, prompt, n, TINY.max_seq_len, **options)
+
+
 def test_generate_keeps_the_prompt_and_appends_tokens() -> None:
     model = build_model(TINY)
     prompt = tokens(1, 5)
-    out = model.generate(prompt, max_new_tokens=40, generator=torch.Generator().manual_seed(0))  # beyond max_seq_len
+    out = gen(model, prompt, 40, generator=torch.Generator().manual_seed(0))  # beyond max_seq_len
     assert out.shape == (1, 45)
     assert torch.equal(out[:, :5], prompt)
     assert int(out.min()) >= 0 and int(out.max()) < TINY.vocab_size
@@ -179,12 +190,12 @@ def test_generate_keeps_the_prompt_and_appends_tokens() -> None:
 def test_greedy_generation_is_deterministic_and_seeded_sampling_repeats() -> None:
     model = build_model(TINY)
     prompt = tokens(1, 5)
-    greedy = model.generate(prompt, 10, temperature=0)
-    assert torch.equal(greedy, model.generate(prompt, 10, temperature=0))
+    greedy = gen(model, prompt, 10, temperature=0)
+    assert torch.equal(greedy, gen(model, prompt, 10, temperature=0))
     assert int(greedy[0, 5]) == int(model(prompt)[0, -1].argmax())
 
     def sample(seed: int) -> torch.Tensor:
-        return model.generate(prompt, 10, temperature=1.0, top_k=None, generator=torch.Generator().manual_seed(seed))
+        return gen(model, prompt, 10, temperature=1.0, top_k=None, generator=torch.Generator().manual_seed(seed))
 
     assert torch.equal(sample(3), sample(3))
 
@@ -192,4 +203,4 @@ def test_greedy_generation_is_deterministic_and_seeded_sampling_repeats() -> Non
 def test_top_1_sampling_is_greedy() -> None:
     model = build_model(TINY)
     prompt = tokens(1, 5)
-    assert torch.equal(model.generate(prompt, 8, temperature=1.5, top_k=1), model.generate(prompt, 8, temperature=0))
+    assert torch.equal(gen(model, prompt, 8, temperature=1.5, top_k=1), gen(model, prompt, 8, temperature=0))

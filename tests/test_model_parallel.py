@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import MICRO, assert_same_run, losses, train, zhilu
-from zhilu.train.checkpoint import latest_checkpoint
+from zhilu.training.checkpoint import latest_checkpoint
 
 JOB = ["--model.n_layers", "4", "--steps", "5", "--global-batch", "8"]
 

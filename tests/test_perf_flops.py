@@ -31,6 +31,14 @@ def test_model_flops_reuse_the_mfu_convention_of_gptconfig():
     assert m.model_flops_per_token == 6 * (2 * 12 * H * H + 1000 * H) + 12 * 2 * H * S
 
 
+def test_model_flops_per_token_are_gptconfigs_for_every_preset():
+    from zhilu.models.presets import PRESETS
+
+    for name, cfg in PRESETS.items():
+        for seq_len in (256, cfg.max_seq_len):
+            assert Transformer(cfg, seq_len).model_flops_per_token == cfg.flops_per_token(seq_len), name
+
+
 def test_causal_attention_executes_half_the_score_matrix():
     # Q K^T and P V: 4 b s^2 h multiply-add FLOPs, of which the unmasked half
     assert gpt().attention_flops(micro_batch=2, tp=1) == 4 * 2 * S * S * H / 2

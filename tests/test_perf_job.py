@@ -22,11 +22,11 @@ CPU = hardware.PRESETS["cpu"]
 
 @pytest.mark.parametrize("spec", ["dp=2,zero=3,mb=2", "tp=2,sp=true", "pp=2,mb=4,schedule=gpipe",
                                   "pp=2,mb=4,schedule=interleaved,vstages=2", "dp=2,pp=2,mb=2,recompute=full"])
-def test_a_training_plan_and_the_model_plan_convert_both_ways(spec: str) -> None:
+def test_the_model_predicts_the_training_plan_itself(spec: str) -> None:
     plan = Plan.parse(spec, _world(spec))
     e = job.predict(TINY, 256, 16, plan, CPU, "cpu")
-    assert e.plan.micro_batch * e.micro_batches * plan.dp == 16  # sequences per micro-batch x micro-batches
-    assert job.train_plan(e) == plan
+    assert e.micro_batch * plan.mb * plan.dp == 16  # sequences per micro-batch x micro-batches x replicas
+    assert e.plan == plan.resolved("cpu") and e.plan.precision == "fp32"  # auto: what zhilu trains in on a CPU
     assert Plan.parse(job.spec(plan), plan.world_size) == plan
 
 
@@ -52,8 +52,20 @@ def test_auto_is_the_fastest_runnable_plan_that_fits() -> None:
     plans = job.candidates(TINY, 256, 16, 4, CPU, "cpu")
     plan, e = job.auto(TINY, 256, 16, 4, CPU, "cpu")
     assert e.step_time_s == min(c[1].step_time_s for c in plans) and e.fits
-    for p, _ in plans:  # every candidate is one zhilu accepts
+    for p, e in plans:  # every candidate is one zhilu accepts, predicted in what it trains in
         p.validate(4), p.check_model(TINY), p.check_batch(16)
+        assert p.precision == "auto" and e.plan == p.resolved("cpu")
+
+
+def test_hybrid_averaging_reduces_within_groups_and_averages_across_them() -> None:
+    plain = job.predict(TINY, 256, 16, Plan(dp=4, avg_every=4), CPU, "cpu")
+    hybrid = job.predict(TINY, 256, 16, Plan(dp=4, avg_every=4, avg_groups=2), CPU, "cpu")
+    c = CPU.sized(4)
+    weights = TINY.num_params() * 4
+    average = collective_seconds("all_reduce", weights, 2, 1, c) / 4  # 2 groups of 2, one member each per node
+    assert plain.breakdown["dp_comm_exposed"] == pytest.approx(collective_seconds("all_reduce", weights, 4, 2, c) / 4)
+    assert hybrid.breakdown["dp_comm_exposed"] > average  # and each group's gradients every step
+    assert sum(hybrid.breakdown.values()) == pytest.approx(hybrid.step_time_s)
 
 
 def test_explain_names_the_largest_term_and_a_faster_plan() -> None:
@@ -78,7 +90,7 @@ def test_train_plan_auto_calibrates_once_predicts_and_reports(tmp_path: Path) ->
     chosen = Plan.parse(config["parallel"]["plan"], 2)  # the plan that ran, re-runnable
     assert config["parallel"]["hardware"] == str(calibration)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["plan"] == chosen.to_dict()
+    assert summary["plan"] == chosen.resolved("cpu").to_dict()  # precision=auto ran as fp32 on a CPU
     assert summary["predicted_step_time_s"] > 0 and summary["measured_step_time_s"] > 0
     assert summary["prediction_error"] == pytest.approx(
         summary["measured_step_time_s"] / summary["predicted_step_time_s"] - 1)

@@ -10,7 +10,7 @@ import pytest
 from zhilu.errors import ZhiluError
 from zhilu.perf import plan_cli
 
-PLAN_KEYS = {"dp", "tp", "pp", "zero", "micro_batch", "schedule", "recompute", "step_time_s", "tokens_per_s",
+PLAN_KEYS = {"dp", "tp", "pp", "zero", "micro_batch", "mb", "schedule", "recompute", "step_time_s", "tokens_per_s",
              "model_tflops_per_gpu", "mfu", "memory_gib_per_device", "fits", "breakdown"}
 BREAKDOWN_KEYS = {"compute", "recompute", "tp_comm", "pp_comm", "dp_comm_exposed", "bubble", "optimizer", "other"}
 JOB = ["--model", "llama3-8b", "--seq-len", "4096", "--global-batch", "64", "--gpus", "16", "--hardware", "h100-sxm"]
@@ -30,6 +30,7 @@ def test_json_is_the_contract(capsys):
     for p in out["plans"]:
         assert set(p) == PLAN_KEYS and set(p["breakdown"]) == BREAKDOWN_KEYS
         assert p["fits"] and p["dp"] * p["tp"] * p["pp"] == 16
+        assert p["micro_batch"] * p["mb"] * p["dp"] == 64  # sequences per micro-batch, micro-batches, replicas
         assert sum(p["breakdown"].values()) == pytest.approx(p["step_time_s"])
     times = [p["step_time_s"] for p in out["plans"]]
     assert times == sorted(times)
@@ -40,6 +41,7 @@ def test_given_degrees_give_exactly_that_plan(capsys):
          "--schedule", "1f1b", "--recompute", "selective")
     (p,) = json.loads(capsys.readouterr().out)["plans"]
     assert (p["dp"], p["tp"], p["pp"], p["zero"], p["micro_batch"], p["recompute"]) == (2, 8, 1, 1, 4, "selective")
+    assert p["mb"] == 8  # 32 sequences per replica in micro-batches of 4
 
 
 def test_a_model_by_shape_and_the_time_to_train(capsys):

@@ -1,6 +1,6 @@
 """The ``zhilu`` command.
 
-    zhilu train [CONFIG.toml] [--model PRESET] [--nproc N] [--plan SPEC] [--section.key VALUE ...]
+    zhilu train [CONFIG.toml] [--model PRESET|FILE.py:NAME|hf:DIR] [--nproc N] [--plan SPEC] [--section.key VALUE ...]
     zhilu plan --model llama3-8b --seq-len 8192 --global-batch 64 --gpus 64 --hardware h100-sxm
     zhilu calibrate [--nproc N] [--out FILE]
 
@@ -16,9 +16,10 @@ from zhilu.errors import ZhiluError
 
 # Shortcut flags of `zhilu train` and the config keys they set.
 TRAIN_FLAGS: dict[str, tuple[str, str]] = {
-    "--model": ("model.preset", "model preset: gpt-tiny, gpt2-124m, gpt-1.3b, llama-1b, llama3-8b, llama3-70b"),
+    "--model": ("model.name", "a preset (gpt-tiny, gpt2-124m, gpt-1.3b, llama-1b, llama3-8b, llama3-70b), "
+                "FILE.py:NAME (a zhilu.ModelSpec) or hf:DIR (a transformers causal LM in a local directory)"),
     "--data": ("data.path", "text file, folder of text files, or uint16 .bin tokens (default: the Python standard library)"),
-    "--nproc": ("launch.nproc", "local processes (default: 1 on CPU, one per GPU)"),
+    "--nproc": ("launch.nproc", "local processes (default: one per GPU; on CPU dp x tp x pp of --plan, else 1)"),
     "--plan": ("parallel.plan", "key=value list of dp, tp, pp, zero, mb, schedule, vstages, sp, recompute, "
                "avg_every, e.g. dp=2,tp=2,zero=3; or auto: the fastest plan the performance model predicts "
                "(default: dp over all processes)"),
@@ -26,7 +27,7 @@ TRAIN_FLAGS: dict[str, tuple[str, str]] = {
     "--global-batch": ("train.global_batch", "sequences per step over all replicas (default 16)"),
     "--seq-len": ("train.seq_len", "tokens per sequence (default: the model's, 256 for gpt-tiny)"),
     "--seed": ("train.seed", "random seed (default 0)"),
-    "--out": ("run.out", "run directory (default: runs/<preset>-<time>)"),
+    "--out": ("run.out", "run directory (default: runs/<model>-<time>)"),
     "--checkpoint-every": ("checkpoint.every", "save a checkpoint every N steps (always at the end)"),
     "--max-restarts": ("launch.max_restarts", "restart after a crash up to K times, from the latest checkpoint"),
     "--device": ("launch.device", "auto, cpu or cuda"),
@@ -39,17 +40,25 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _train_parser() -> argparse.ArgumentParser:
+    from zhilu.config import settings_help
+
+    lines = [f"  --{key} {str(default).lower() if isinstance(default, bool) else default!r}\n      {text}"
+             for key, text, default in settings_help()]
     p = _Parser(
         prog="zhilu train",
-        description="Train a model. Every setting can also be given as --section.key VALUE "
-        "(sections: model, data, train, parallel, launch, checkpoint, run) or in CONFIG.toml.",
+        description="Train a model. Every setting can also be given as --section.key VALUE or in CONFIG.toml "
+        "as [section] key = value.",
+        epilog="settings (--section.key DEFAULT):\n" + "\n".join(lines),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("config", nargs="?", help="TOML file with [section] tables")
     for flag, (key, help_text) in TRAIN_FLAGS.items():
         p.add_argument(flag, dest=key, metavar=key.split(".")[1].upper(), help=help_text)
     p.add_argument("--resume", dest="checkpoint.resume", action="store_const", const="true",
                    help="continue from the run directory's latest checkpoint")
-    p.add_argument("--compile", dest="model.compile", action="store_const", const="true", help="torch.compile the model")
+    p.add_argument("--compile", dest="model.compile", action="store_const", const="true", help="torch.compile each block")
+    p.add_argument("--dry-run", action="store_true", help="check everything, print the resolved configuration, the "
+                   "data and the prediction, and stop before anything starts")
     return p
 
 
@@ -77,16 +86,20 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]
 
 def train(argv: list[str]) -> int:
     from zhilu.config import load_config
-    from zhilu.launch import TrainingFailed, launch, prepare
+    from zhilu.launch.local import TrainingFailed
+    from zhilu.launch.prepare import dry_run, launch, prepare
 
     rest, overrides = _split_overrides(argv)
     args = vars(_train_parser().parse_args(rest))
-    config_path = args.pop("config")
+    config_path, only_check = args.pop("config"), args.pop("dry_run")
     flags = [(key, value) for key, value in args.items() if value is not None]
     cfg = load_config(config_path, flags + overrides)
-    resolved, plan, model_cfg = prepare(cfg)
+    resolved, plan, spec = prepare(cfg, dry_run=only_check)
+    if only_check:
+        dry_run(resolved, plan, spec)
+        return 0
     try:
-        launch(resolved, plan, model_cfg)
+        launch(resolved, plan, spec)
     except TrainingFailed as e:
         print(f"zhilu train: {e}", file=sys.stderr)
         return 1
@@ -108,7 +121,7 @@ def calibrate(argv: list[str]) -> int:
                      "collectives) and write the hardware file that plan and train read.")
     calibration.add_arguments(parser)
     args = parser.parse_args(argv)
-    from zhilu.launch import TrainingFailed
+    from zhilu.launch.local import TrainingFailed
 
     try:
         return calibration.run(args)

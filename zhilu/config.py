@@ -8,6 +8,7 @@ field, before anything starts.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -22,68 +23,77 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
+def setting(default: Any, help: str) -> Any:
+    """A configuration key: its default and what it means (``zhilu train --help`` lists them all)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class ModelSection:
-    preset: str = "gpt-tiny"
-    # Shape overrides; 0 keeps the preset's value.
-    n_layers: int = 0
-    hidden: int = 0
-    n_heads: int = 0
-    n_kv_heads: int = 0
-    ffn_hidden: int = 0
-    compile: bool = False  # torch.compile the model
+    name: str = setting("gpt-tiny", "a preset (gpt-tiny, gpt2-124m, gpt-1.3b, llama-1b, llama3-8b, llama3-70b), "
+                                    "FILE.py:NAME (a ModelSpec) or hf:DIR (a transformers causal LM)")
+    n_layers: int = setting(0, "preset shape override: layers (0 keeps the preset's)")
+    hidden: int = setting(0, "preset shape override: hidden size")
+    n_heads: int = setting(0, "preset shape override: attention heads")
+    n_kv_heads: int = setting(0, "preset shape override: key/value heads (grouped-query attention)")
+    ffn_hidden: int = setting(0, "preset shape override: MLP hidden size")
+    compile: bool = setting(False, "torch.compile each block")
 
 
 @dataclass
 class DataSection:
-    path: str = ""  # text file, folder of text files or uint16 .bin; "" = the Python standard library
-    val_fraction: float = 0.05
+    path: str = setting("", "text file, folder of text files or uint16 .bin tokens; empty: the Python standard "
+                            "library (ignored by a model that brings its own dataset)")
+    val_fraction: float = setting(0.05, "share of the files (or of the bytes of one file) held out for validation")
 
 
 @dataclass
 class TrainSection:
-    steps: int = 250
-    global_batch: int = 16  # sequences per optimizer step, over all data-parallel replicas
-    seq_len: int = 0  # 0 = the model's max_seq_len
-    lr: float = 3e-3
-    min_lr: float = 3e-4  # cosine decay ends here
-    warmup_steps: int = 30
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # max global gradient norm; 0 = off
-    seed: int = 0
-    log_every: int = 10
-    eval_every: int = 100  # 0 = only at the end
-    eval_batches: int = 8
-    sample_tokens: int = 160  # length of the sample generated at the end; 0 = none
+    steps: int = setting(250, "optimizer steps")
+    global_batch: int = setting(16, "sequences (samples) per optimizer step, over all data-parallel replicas")
+    seq_len: int = setting(0, "tokens per sequence; 0: the model's maximum (256 for gpt-tiny)")
+    lr: float = setting(3e-3, "peak learning rate")
+    min_lr: float = setting(3e-4, "learning rate at the end of the cosine decay")
+    warmup_steps: int = setting(30, "steps of linear warmup")
+    weight_decay: float = setting(0.1, "AdamW weight decay, on parameters of 2 or more dimensions")
+    beta1: float = setting(0.9, "AdamW beta1")
+    beta2: float = setting(0.95, "AdamW beta2")
+    grad_clip: float = setting(1.0, "maximum global gradient norm; 0: no clipping")
+    seed: int = setting(0, "seed of the weights and of the batches")
+    log_every: int = setting(10, "steps between logged steps (metrics.jsonl, progress)")
+    eval_every: int = setting(100, "steps between validation passes; 0: only at the end")
+    eval_batches: int = setting(8, "global batches per validation pass")
+    sample_tokens: int = setting(160, "tokens of the sample generated at the end (language models); 0: none")
 
 
 @dataclass
 class ParallelSection:
-    plan: str = ""  # e.g. "dp=2,zero=3"; "" = data parallel over all processes; "auto" = the fastest predicted
-    hardware: str = ""  # preset or hardware file the prediction uses; "" = this machine's calibration
-    average_optimizer_state: bool = False  # with avg_every: average AdamW's moments too
+    plan: str = setting("", "e.g. dp=2,tp=2,zero=3 (keys: dp tp pp zero mb schedule vstages sp recompute "
+                            "avg_every precision); empty: data parallel over all processes; auto: the fastest "
+                            "plan the performance model predicts")
+    hardware: str = setting("", "hardware preset or file the prediction and MFU use; empty: this machine's "
+                                "calibration, else the GPU's preset")
+    average_optimizer_state: bool = setting(False, "with avg_every: average AdamW's moments too")
 
 
 @dataclass
 class LaunchSection:
-    nproc: int = 0  # local processes; 0 = one per GPU on CUDA, 1 on CPU
-    device: str = "auto"  # auto | cpu | cuda
-    port: int = 0  # rendezvous port for local processes; 0 = pick a free one
-    max_restarts: int = 0  # restart the whole job this many times after a crash
+    nproc: int = setting(0, "local processes; 0: one per GPU on CUDA, on CPU dp x tp x pp of the plan (else 1)")
+    device: str = setting("auto", "auto, cpu or cuda")
+    port: int = setting(0, "rendezvous port of the local processes; 0: a free one")
+    max_restarts: int = setting(0, "restart the job from its latest checkpoint after a crash, up to this many times")
 
 
 @dataclass
 class CheckpointSection:
-    every: int = 0  # save every N steps (and always at the end); 0 = only at the end
-    keep: int = 3  # keep the newest K checkpoints; 0 = all
-    resume: bool = False  # continue from RUN_DIR/checkpoints/latest
+    every: int = setting(0, "save every N steps (and always at the end); 0: only at the end")
+    keep: int = setting(3, "keep the newest K checkpoints; 0: all")
+    resume: bool = setting(False, "continue from RUN_DIR/checkpoints/latest")
 
 
 @dataclass
 class RunSection:
-    out: str = ""  # run directory; "" = runs/<preset>-<timestamp>
+    out: str = setting("", "run directory; empty: runs/<model>-<time>")
 
 
 @dataclass
@@ -132,6 +142,9 @@ class JobConfig:
         _at_least("train.sample_tokens", t.sample_tokens, 0)
         _at_least("train.grad_clip", t.grad_clip, 0)
         _at_least("train.weight_decay", t.weight_decay, 0)
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip", "beta1", "beta2"):
+            if not math.isfinite(getattr(t, name)):
+                raise ZhiluError(f"train.{name}", f"must be a finite number, got {getattr(t, name)}")
         if not t.lr > 0:
             raise ZhiluError("train.lr", f"must be positive, got {t.lr}")
         if not 0 <= t.min_lr <= t.lr:
@@ -169,6 +182,13 @@ def load_config(path: str | None = None, overrides: list[tuple[str, str]] = ()) 
         cfg.override(dotted, text)
     cfg.validate()
     return cfg
+
+
+def settings_help() -> list[tuple[str, str, Any]]:
+    """Every ``section.key`` with its meaning and default, in declaration order."""
+    cfg = JobConfig()
+    return [(f"{section}.{f.name}", f.metadata.get("help", ""), f.default)
+            for section in _fields(cfg) for f in dataclasses.fields(getattr(cfg, section))]
 
 
 def dump_toml(cfg: JobConfig) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from zhilu.errors import ZhiluError
+from zhilu.spec import Tokenizer
 
 FIELD = "data.path"
 VALID = "a text file, a folder of text files, or a uint16 .bin token file"
@@ -35,8 +36,12 @@ class Corpus:
     source: str
 
 
-def load_corpus(path: str | None, val_fraction: float = 0.05) -> Corpus:
+def load_corpus(path: str | None, val_fraction: float = 0.05, tokenizer: Tokenizer | None = None) -> Corpus:
     """Load the corpus at ``path``; ``None`` or ``""`` means the Python standard library.
+
+    Text is raw bytes, or, with a ``tokenizer`` (a model's own, e.g. from ``hf:DIR``), the
+    tokenizer's ids of the training and the validation text (read as UTF-8). Token files are
+    read as they are.
 
     - the standard library: its ``.py`` files, without site-packages/dist-packages and any
       folder named ``test``, ``tests`` or ``idle_test``; split by file.
@@ -49,6 +54,16 @@ def load_corpus(path: str | None, val_fraction: float = 0.05) -> Corpus:
 
     A file belongs to validation when ``zlib.crc32(relative_posix_path) % 100 < val_fraction * 100``.
     """
+    corpus = _load(path, val_fraction)
+    if tokenizer is None or corpus.vocab_size > 256:
+        return corpus
+    train, val = (np.asarray(tokenizer.encode(bytes(part).decode("utf-8", errors="replace")), dtype=np.int64)
+                  for part in (corpus.train, corpus.val))
+    vocab = int(max(train.max(initial=0), val.max(initial=0))) + 1
+    return Corpus(train, val, vocab, f"{corpus.source}, {len(train) + len(val):,} tokens of the model's tokenizer")
+
+
+def _load(path: str | None, val_fraction: float) -> Corpus:
     if not 0 <= val_fraction < 1:
         raise ZhiluError("data.val_fraction", f"must be at least 0 and below 1, got {val_fraction}")
     if not path:

@@ -9,8 +9,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 class TrainProgress:
-    def __init__(self, total_steps: int, start_step: int, enabled: bool) -> None:
+    def __init__(self, total_steps: int, start_step: int, enabled: bool, unit: str = "tok") -> None:
         self.console = Console(highlight=False)
+        self.unit = unit
         self.enabled = enabled
         self._bar: Progress | None = None
         if enabled and self.console.is_terminal:
@@ -38,8 +39,9 @@ class TrainProgress:
         """Show a logged step (``record`` is the metrics.jsonl line)."""
         if not self.enabled:
             return
-        stats = (f"loss {record['loss']:.4f}  {record['tokens_per_s']:,.0f} tok/s  "
-                 f"MFU {100 * record['mfu']:.1f}%  {record['step_time_s'] * 1e3:.0f} ms/step")
+        mfu = f"MFU {100 * record['mfu']:.1f}%  " if record["mfu"] is not None else ""
+        stats = (f"loss {record['loss']:.4f}  {record['tokens_per_s']:,.0f} {self.unit}/s  "
+                 f"{mfu}{record['step_time_s'] * 1e3:.0f} ms/step")
         if "val_loss" in record:
             stats += f"  val {record['val_loss']:.4f}"
         if self._bar is not None:

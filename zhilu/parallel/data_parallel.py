@@ -32,9 +32,11 @@ from zhilu.parallel.mesh import ParallelEnv
 from zhilu.plan import Plan
 
 
-def apply_data_parallel(model: nn.Module, plan: Plan, env: ParallelEnv) -> nn.Module:
-    """Wrap ``model`` for the plan's dp axis; a no-op when dp == 1."""
-    if plan.dp == 1 or plan.avg_every:
+def apply_data_parallel(model: nn.Module, blocks: nn.ModuleDict | nn.ModuleList | None, plan: Plan,
+                        env: ParallelEnv) -> nn.Module:
+    """Wrap ``model`` for the plan's dp axis; a no-op when dp == 1. Under FSDP2 each of
+    ``blocks`` is its own unit and the rest of the model is the root's."""
+    if plan.dp == 1 or (plan.avg_every and "sync" not in env.groups):
         return model
     if plan.zero == 0 and (plan.tp > 1 or plan.pp > 1):
         from torch.distributed._composable.replicate_with_fsdp import replicate
@@ -42,18 +44,19 @@ def apply_data_parallel(model: nn.Module, plan: Plan, env: ParallelEnv) -> nn.Mo
         return replicate(model, mesh=env.mesh["dp"])  # type: ignore[index]
     if plan.zero == 0:
         device_ids = [env.device.index] if env.device.type == "cuda" else None
-        # The model's only buffers are the rotary tables, identical on every rank: no broadcast.
+        # Buffers start identical on every rank (initialised from the seed): no broadcast.
         no_buffer_sync = (
             {"forward_sync_buffers": False}
             if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
             else {"broadcast_buffers": False}
         )
-        return DistributedDataParallel(model, device_ids=device_ids, process_group=env.dp_group, **no_buffer_sync)
+        group = env.groups.get("sync", env.dp_group)  # hybrid averaging: DDP within this rank's group
+        return DistributedDataParallel(model, device_ids=device_ids, process_group=group, **no_buffer_sync)
     mesh = env.mesh["dp"]  # type: ignore[index]
     on_cuda = env.device.type == "cuda"  # gather bf16 parameters, reduce fp32 gradients
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if on_cuda else MixedPrecisionPolicy()
     reshard = plan.zero == 3
-    for block in model.layers.values():  # type: ignore[union-attr]
+    for block in (blocks.values() if isinstance(blocks, nn.ModuleDict) else blocks or ()):
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
     return model

@@ -8,7 +8,7 @@ MASTER_ADDR, MASTER_PORT. Without them, the job is one process and no group is m
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -25,6 +25,9 @@ class ParallelEnv:
     local_world_size: int
     device: torch.device
     mesh: DeviceMesh | None  # dimensions "pp", "dp", "tp" (outermost to innermost)
+    # hybrid model averaging (avg_groups): "sync", the replicas of this rank's DDP group, and
+    # "average", the ranks at the same place in the other groups
+    groups: dict[str, dist.ProcessGroup] = field(default_factory=dict)
 
     @property
     def is_main(self) -> bool:
@@ -59,7 +62,14 @@ def init_parallel(plan: Plan, device_type: str) -> ParallelEnv:
     if world > 1:
         # tp innermost: its ranks are neighbours, on one node when the launch fills nodes in order.
         mesh = init_device_mesh(device_type, (plan.pp, plan.dp, plan.tp), mesh_dim_names=("pp", "dp", "tp"))
-    return ParallelEnv(rank, world, local_rank, local_world, device, mesh)
+    groups = {}
+    if plan.avg_groups and world > 1:  # dp only (validated): dp ranks are the global ranks
+        size = plan.dp // plan.avg_groups
+        sync, _ = dist.new_subgroups_by_enumeration([list(range(g * size, (g + 1) * size))
+                                                     for g in range(plan.avg_groups)])
+        average, _ = dist.new_subgroups_by_enumeration([list(range(i, plan.dp, size)) for i in range(size)])
+        groups = {"sync": sync, "average": average}
+    return ParallelEnv(rank, world, local_rank, local_world, device, mesh, groups)
 
 
 def join_group(device_type: str) -> torch.device:

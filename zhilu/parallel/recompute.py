@@ -1,4 +1,4 @@
-"""Activation recomputation per transformer block.
+"""Activation recomputation per block (the blocks a model declares in its spec).
 
 * ``full``: keep only each block's input; recompute the whole block in backward.
 * ``selective``: keep the outputs of matrix multiplies and attention, recompute the cheap,
@@ -29,12 +29,13 @@ def _policy(ctx: object, op: object, *args: object, **kwargs: object) -> Checkpo
     return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def apply_recompute(model: nn.Module, mode: str) -> None:
-    """Wrap every block of ``model.layers`` for recomputation (no-op for ``none``)."""
+def apply_recompute(blocks: nn.ModuleDict | nn.ModuleList, mode: str) -> None:
+    """Wrap every block in ``blocks`` for recomputation, in place (no-op for ``none``)."""
     if mode == "none":
         return
     kwargs = {"preserve_rng_state": False}
     if mode == "selective":
         kwargs["context_fn"] = partial(create_selective_checkpoint_contexts, _policy)
-    for name, block in list(model.layers.items()):
-        model.layers[name] = checkpoint_wrapper(block, **kwargs)
+    keys = list(blocks.keys()) if isinstance(blocks, nn.ModuleDict) else range(len(blocks))
+    for key in keys:
+        blocks[key] = checkpoint_wrapper(blocks[key], **kwargs)

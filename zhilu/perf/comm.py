@@ -10,7 +10,7 @@ with ``k`` members in each node moves data at ``k`` times one device's network b
 
 from __future__ import annotations
 
-from zhilu.hardware import Cluster
+from zhilu.perf.device import Cluster
 
 COLLECTIVES = ("all_reduce", "reduce_scatter", "all_gather")
 

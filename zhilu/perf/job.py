@@ -3,7 +3,8 @@
 ``zhilu train`` predicts the step time and memory of the plan it runs before the first step
 (:func:`predict`), picks the plan with ``--plan auto`` (:func:`auto`), and after the run
 names what dominated the step and the plan the model would switch to (:func:`explain`).
-Pure Python, like the rest of :mod:`zhilu.perf`.
+The plan is the runtime's own :class:`zhilu.plan.Plan`. Pure Python, like the rest of
+:mod:`zhilu.perf`.
 """
 
 from __future__ import annotations
@@ -12,14 +13,19 @@ from dataclasses import replace
 from typing import Any
 
 from zhilu.errors import ZhiluError
-from zhilu.hardware import PRESETS, Cluster, calibrated_path, cluster, gpu_preset
 from zhilu.models.presets import GPTConfig
 from zhilu.perf.comm import collective_seconds, members_per_node
+from zhilu.perf.device import Cluster
 from zhilu.perf.flops import Transformer
+from zhilu.perf.hardware_file import calibrated_path, cluster
+from zhilu.perf.presets import PRESETS, gpu_preset
 from zhilu.perf.search import search
-from zhilu.perf.step import ZHILU, Estimate, Software, StepModel
-from zhilu.perf.step import Plan as StepPlan
+from zhilu.perf.software import ZHILU, Software
+from zhilu.perf.step import Estimate, StepModel
 from zhilu.plan import Plan
+from zhilu.plan import device_precision as precision  # what zhilu trains in: precision(device_type)
+
+__all__ = ["MEANING", "auto", "candidates", "explain", "hardware", "precision", "predict", "software", "spec"]
 
 # What each term of the breakdown is, in words.
 MEANING = {
@@ -32,11 +38,6 @@ MEANING = {
     "optimizer": "the optimizer step",
     "other": "issuing kernels (host overhead of many small ops)",
 }
-
-
-def precision(device_type: str) -> str:
-    """What zhilu trains in: bf16 autocast with fp32 master weights on GPUs, fp32 on CPUs."""
-    return "bf16" if device_type == "cuda" else "fp32"
 
 
 def software(device_type: str) -> Software:
@@ -60,38 +61,29 @@ def hardware(name: str, device_type: str, nproc: int, device_name: str = "") -> 
     return (PRESETS[key], key) if key else (None, "")
 
 
-def step_plan(plan: Plan, global_batch: int, device_type: str) -> StepPlan:
-    """The performance model's form of a training plan (``mb`` counts micro-batches, the model
-    counts sequences per micro-batch)."""
-    return StepPlan(plan.dp, plan.tp, plan.pp, plan.zero, global_batch // plan.dp // plan.mb, plan.schedule,
-                    plan.stages_per_rank if plan.pp > 1 else 1, plan.recompute, plan.sp and plan.tp > 1,
-                    precision(device_type))
-
-
-def train_plan(e: Estimate) -> Plan:
-    """The training plan of an estimate."""
-    p = e.plan
-    return Plan(dp=p.dp, tp=p.tp, pp=p.pp, zero=p.zero, mb=e.micro_batches, schedule=p.schedule,
-                vstages=p.virtual_stages if p.schedule == "interleaved" else 0, sp=p.sequence_parallel,
-                recompute=p.recompute)
-
-
 def predict(model: GPTConfig, seq_len: int, global_batch: int, plan: Plan, hw: Cluster, device_type: str,
             nodes_of: int | None = None, average_optimizer_state: bool = False) -> Estimate:
-    """Step time, breakdown and memory of ``plan`` on ``hw`` (``nodes_of`` devices to a node).
+    """Step time, breakdown and memory of ``plan`` on ``hw`` (``nodes_of`` devices to a node);
+    ``precision=auto`` is what zhilu trains in on ``device_type``.
 
     Model averaging (``avg_every`` H) trains the replicas alone: no gradient traffic, and every
     H steps an all-reduce of the weights (and of AdamW's two moments when they are averaged).
+    Hybrid (``avg_groups`` G): DDP within each group of ``dp / G`` consecutive replicas, and the
+    average over the G ranks at the same place in each group.
     """
     c = hw.sized(plan.world_size, nodes_of)
     steps = StepModel(Transformer(model, seq_len), c, global_batch, software(device_type))
-    e = steps.evaluate(step_plan(plan, global_batch, device_type))
+    e = steps.evaluate(plan.resolved(device_type))
     if not plan.avg_every:
         return e
-    dp_per_node, _ = members_per_node(plan.tp, plan.dp, c.devices_per_node)
+    if plan.avg_groups:
+        n, stride = plan.avg_groups, plan.dp // plan.avg_groups
+        per_node = max(1, min(n, c.devices_per_node // stride))
+    else:
+        n, per_node = plan.dp, members_per_node(plan.tp, plan.dp, c.devices_per_node)[0]
     tensors = 3 if average_optimizer_state else 1
-    average = collective_seconds("all_reduce", model.num_params() * 4 * tensors, plan.dp, dp_per_node, c)
-    breakdown = dict(e.breakdown, dp_comm_exposed=average / plan.avg_every)
+    average = collective_seconds("all_reduce", model.num_params() * 4 * tensors, n, per_node, c)
+    breakdown = dict(e.breakdown, dp_comm_exposed=e.breakdown["dp_comm_exposed"] + average / plan.avg_every)
     step = e.step_time_s - e.breakdown["dp_comm_exposed"] + breakdown["dp_comm_exposed"]
     scale = e.step_time_s / step
     return replace(e, step_time_s=step, breakdown=breakdown, tokens_per_s=e.tokens_per_s * scale,
@@ -100,13 +92,14 @@ def predict(model: GPTConfig, seq_len: int, global_batch: int, plan: Plan, hw: C
 
 def candidates(model: GPTConfig, seq_len: int, global_batch: int, world: int, hw: Cluster, device_type: str,
                nodes_of: int | None = None) -> list[tuple[Plan, Estimate]]:
-    """Every plan zhilu can run for this job that fits, fastest first by prediction."""
+    """Every plan zhilu can run for this job that fits, fastest first by prediction; each plan
+    with ``precision=auto`` (what it was predicted in on ``device_type``)."""
     c = hw.sized(world, nodes_of)
     found = search(Transformer(model, seq_len), c, global_batch, fixed={"precision": precision(device_type)},
                    software=software(device_type))
     runnable = []
     for e in found:
-        plan = train_plan(e)
+        plan = replace(e.plan, precision="auto")
         try:
             plan.validate(world)
             plan.check_model(model)
@@ -138,14 +131,12 @@ def explain(model: GPTConfig, seq_len: int, global_batch: int, plan: Plan, hw: C
     best_plan, best = auto(model, seq_len, global_batch, plan.world_size, hw, device_type, nodes_of)
     gain = current.step_time_s / best.step_time_s
     switch = None
-    if gain > 1.02 and best_plan != replace(plan, avg_every=0):
+    if gain > 1.02 and best_plan.resolved(device_type) != replace(plan, avg_every=0).resolved(device_type):
         switch = {"plan": spec(best_plan), "predicted_step_time_s": best.step_time_s, "predicted_speedup": gain}
     return {"dominating": top, "share": current.breakdown[top] / current.step_time_s, "meaning": MEANING[top],
             "switch_to": switch}
 
 
 def spec(plan: Plan) -> str:
-    """The ``--plan`` SPEC that reproduces ``plan`` (defaults left out, degrees always given)."""
-    default = Plan()
-    return ",".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in plan.to_dict().items()
-                    if v != getattr(default, k) or k in ("dp", "tp", "pp"))
+    """The ``--plan`` SPEC that reproduces ``plan`` (:meth:`zhilu.plan.Plan.spec`)."""
+    return plan.spec()

@@ -4,7 +4,8 @@ Mixed precision (``bf16``) keeps per parameter 2 bytes of bf16 weights, 4 of fp3
 and 12 of optimizer state (fp32 master weights, Adam's two moments): 18 bytes, the
 accounting of Megatron-LM and of Korthikanti et al. 2022, Fig. 1. ``fp32`` keeps 4 + 4 + 8.
 ZeRO (Rajbhandari et al. 2020) partitions over the data-parallel group: stage 1 the
-optimizer state, stage 2 also the gradients, stage 3 also the weights.
+optimizer state, stage 2 also the gradients, stage 3 also the weights; the stage a plan
+holds is :attr:`zhilu.perf.data_parallel.Sharding.held` (under zhilu's pipeline, at most 1).
 """
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ class Memory:
 
 
 def stage_params(model: Transformer, tp: int, layers_on_stage: int, first: bool, last: bool, pp: int) -> float:
-    """Parameters one device of a stage holds: its layers' share, the embedding on the first
-    stage, the final norm and output layer on the last (a tied output layer is a second copy
-    unless one stage holds both)."""
+    """Parameters one device of a pipeline rank holds: its layers' share, the embedding on the
+    rank of the first stage, the final norm and output layer on that of the last (a tied output
+    layer is a second copy unless one rank holds both)."""
     n = layers_on_stage * model.layer_params / tp
     table = model.vocab * model.hidden / tp
     if first:

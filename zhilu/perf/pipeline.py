@@ -1,14 +1,22 @@
-"""Pipeline schedules: layers per stage, the bubble, and micro-batches in flight.
+"""Pipeline schedules: the layers each rank holds, the bubble, and micro-batches in flight.
 
 ``gpipe`` runs all forwards then all backwards; ``1f1b`` interleaves them after a warm-up
 of ``p - 1`` forwards (Narayanan et al. 2021); ``interleaved`` gives each device ``v``
 chunks of layers, which divides the bubble by ``v`` at the cost of ``v`` times the
-point-to-point traffic.
+point-to-point traffic. Which layers a stage holds is :func:`zhilu.plan.stage_layers`, the
+runtime's own split, grouped by rank as the runtime groups them (:func:`zhilu.plan.rank_layers`).
 """
 
 from __future__ import annotations
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved")
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from zhilu.errors import ZhiluError
+from zhilu.plan import SCHEDULES, rank_layers, stage_layers
+
+__all__ = ["SCHEDULES", "RankGroup", "bubble_fraction", "even_stage_layers", "in_flight", "pipeline_seconds",
+           "rank_groups", "splits"]
 
 
 def bubble_fraction(pp: int, micro_batches: int, virtual_stages: int = 1) -> float:
@@ -16,43 +24,73 @@ def bubble_fraction(pp: int, micro_batches: int, virtual_stages: int = 1) -> flo
     return (pp - 1) / (micro_batches * virtual_stages)
 
 
-def stage_layers(layers: int, pp: int) -> tuple[int, int, int]:
-    """Layers on the first, a middle (the largest) and the last stage.
+def even_stage_layers(n_layers: int, n_stages: int) -> list[range]:
+    """Megatron-LM's split: ``n_layers / n_stages`` layers on every stage (they must divide)."""
+    if n_layers % n_stages:
+        raise ZhiluError("pp", f"an even split needs the {n_layers} layers to divide into pp x vstages = "
+                               f"{n_stages} stages")
+    q = n_layers // n_stages
+    return [range(k * q, (k + 1) * q) for k in range(n_stages)]
 
-    Layers are spread as evenly as possible; when they do not divide, the stages with one
-    layer fewer go last and first, which carry the output layer and the embedding (the
-    balancing Llama 3 and torchtitan use).
+
+splits = {"zhilu": stage_layers, "even": even_stage_layers}  # Software.stage_split -> the split
+
+
+@dataclass(frozen=True)
+class RankGroup:
+    """Pipeline ranks that hold as many layers and the same ends: they cost the same.
+
+    ``ranks``: the ranks, lowest first (it holds the most micro-batches in flight); ``layers``:
+    the layers each holds; ``chunks``: the lowest rank's layers per stage
+    (``rank_layers(...)[ranks[0]]``); ``embedding``: it holds stage 0; ``output``: it holds the
+    last stage (with one rank, both)."""
+
+    ranks: tuple[int, ...]
+    layers: int
+    chunks: tuple[int, ...]
+    embedding: bool
+    output: bool
+
+    @property
+    def first(self) -> int:
+        return self.ranks[0]
+
+    @property
+    def count(self) -> int:
+        return len(self.ranks)
+
+
+def rank_groups(n_layers: int, pp: int, vstages: int = 1, split: str = "zhilu") -> tuple[RankGroup, ...]:
+    """The ranks of a pipeline of ``pp`` ranks with ``vstages`` stages each, grouped by what they
+    hold (:func:`zhilu.plan.rank_layers` with the ``split`` of :data:`splits`), lowest rank first."""
+    ranks = rank_layers(n_layers, pp, vstages, splits[split])
+    groups: dict[tuple[int, bool, bool], list[int]] = {}
+    for r, chunks in enumerate(ranks):
+        key = (sum(len(c) for c in chunks), r == 0, r == pp - 1)
+        groups.setdefault(key, []).append(r)
+    return tuple(RankGroup(tuple(rs), layers, tuple(len(c) for c in ranks[rs[0]]), emb, out)
+                 for (layers, emb, out), rs in sorted(groups.items(), key=lambda kv: kv[1][0]))
+
+
+def pipeline_seconds(rank_seconds: Sequence[float], micro_batches: int, virtual_stages: int = 1,
+                     counts: Sequence[int] | None = None) -> float:
+    """Time of ``m`` micro-batches through pipeline ranks whose per-micro-batch times are given
+    (``counts``: how many ranks take each time; default one each).
+
+    The slowest rank sets the pace of the steady state; the other ranks' time appears once, in
+    the fill and drain, divided by the virtual stages of an interleaved schedule:
+    ``m * t_max + (sum_i t_i - t_max) / v``. For ``p`` equal ranks this is
+    ``t (m + (p - 1) / v)``, the bubble of :func:`bubble_fraction`.
     """
-    q, r = divmod(layers, pp)
-    if pp == 1:
-        return layers, layers, layers
-    short = pp - r  # stages with q layers
-    big = q + 1 if r else q
-    last = q
-    first = q if short >= 2 else big
-    return first, big, last
-
-
-def pipeline_seconds(first: float, middle: float, last: float, pp: int, micro_batches: int,
-                     virtual_stages: int = 1) -> float:
-    """Time of ``m`` micro-batches through ``p`` stages whose per-micro-batch times are given.
-
-    The slowest stage sets the pace of the steady state; the other stages' time appears
-    once, in the fill and drain, divided by the virtual stages of an interleaved schedule:
-    ``m * t_max + (sum_i t_i - t_max) / v``. For equal stages this is ``t (m + (p - 1) / v)``,
-    the bubble of :func:`bubble_fraction`.
-    """
-    if pp == 1:
-        return micro_batches * middle
-    slowest = max(first, middle, last)
-    total = first + last + (pp - 2) * middle
+    slowest = max(rank_seconds)
+    total = sum(rank_seconds) if counts is None else sum(t * n for t, n in zip(rank_seconds, counts))
     return micro_batches * slowest + (total - slowest) / virtual_stages
 
 
 def in_flight(schedule: str, pp: int, micro_batches: int, virtual_stages: int = 1, rank: int = 0) -> float:
-    """Micro-batches whose activations stage ``rank`` holds at its peak, in units of its layers.
+    """Micro-batches whose activations rank ``rank`` holds at its peak, in units of its layers.
 
-    GPipe holds all ``m``; 1F1B ``p - rank``; interleaved 1F1B on the first stage
+    GPipe holds all ``m``; 1F1B ``p - rank``; interleaved 1F1B on the first rank
     ``p (1 + (p - 1) / (p v))`` (Korthikanti et al. 2022, Sec. 4.2.3); all capped by ``m``.
     """
     if pp == 1:

@@ -19,17 +19,20 @@ from dataclasses import replace
 from typing import Any
 
 from zhilu.errors import ZhiluError
-from zhilu.hardware import PRECISIONS, Cluster, cluster
 from zhilu.models.presets import PRESETS, GPTConfig, preset
+from zhilu.perf.device import Cluster
 from zhilu.perf.flops import Transformer
-from zhilu.perf.pipeline import SCHEDULES
+from zhilu.perf.hardware_file import cluster
 from zhilu.perf.search import search
-from zhilu.perf.step import RECOMPUTE, Estimate
+from zhilu.perf.step import Estimate
+from zhilu.plan import PRECISIONS, RECOMPUTE, SCHEDULES
 
 SHORT = {"compute": "compute", "recompute": "recompute", "tp_comm": "tp", "pp_comm": "pp", "dp_comm_exposed": "dp",
          "bubble": "bubble", "optimizer": "optimizer", "other": "other"}
-# plan fields the command line can pin (flag destinations are the field names)
-PINNED = ("dp", "tp", "pp", "zero", "micro_batch", "schedule", "virtual_stages", "recompute", "precision")
+# flags that pin the plan: their destinations, and the search field each pins (zhilu.plan.Plan's,
+# and micro_batch: sequences per micro-batch)
+PINNED = {"dp": "dp", "tp": "tp", "pp": "pp", "zero": "zero", "micro_batch": "micro_batch", "schedule": "schedule",
+          "virtual_stages": "vstages", "recompute": "recompute", "precision": "precision"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -83,11 +86,11 @@ def run(args: argparse.Namespace) -> int:
     if args.tokens is not None and not (args.tokens > 0 and math.isfinite(args.tokens)):
         raise ZhiluError("tokens", f"must be a positive number, got {args.tokens}")
     hw = cluster(args.hardware, gpus, args.gpus_per_node)
-    fixed = {name: getattr(args, name) for name in PINNED if getattr(args, name) is not None}
     for name in ("dp", "tp", "pp", "micro_batch", "virtual_stages"):
-        if name in fixed:
+        if getattr(args, name) is not None:
             _positive(args, name, name.replace("_", "-"))
-    if "virtual_stages" in fixed and fixed["virtual_stages"] > 1:
+    fixed = {key: getattr(args, dest) for dest, key in PINNED.items() if getattr(args, dest) is not None}
+    if fixed.get("vstages", 1) > 1:
         fixed.setdefault("schedule", "interleaved")
     model = Transformer(config, seq_len)
     estimates = _distinct(search(model, hw, global_batch, fixed=fixed), top)
@@ -136,7 +139,7 @@ def _distinct(estimates: list[Estimate], top: int) -> list[Estimate]:
     out: list[Estimate] = []
     for e in estimates:
         p = e.plan
-        key = (p.dp, p.tp, p.pp, p.zero, p.micro_batch, p.schedule, p.recompute)
+        key = (p.dp, p.tp, p.pp, p.zero, e.micro_batch, p.schedule, p.recompute)
         if key not in seen:
             seen.add(key)
             out.append(e)
@@ -173,20 +176,21 @@ def _table(estimates: list[Estimate], model: Transformer, hw: Cluster, global_ba
              f"batch {global_batch} x {model.seq_len} tokens on {hw.devices} x {hw.device.name} "
              f"({hw.nodes} node{'s' * (hw.nodes > 1)} of {hw.devices_per_node})")
     table = Table(title=title, title_justify="left")
-    for name in ("#", "dp.tp.pp", "zero", "mb", "schedule", "recompute", "step s", "MFU", "GiB", "time goes to"):
+    for name in ("#", "dp.tp.pp", "zero", "b x mb", "schedule", "recompute", "step s", "MFU", "GiB", "time goes to"):
         table.add_column(name, justify="left" if name in ("schedule", "recompute", "time goes to") else "right")
     for i, e in enumerate(estimates):
         p = e.plan
-        schedule = "-" if p.pp == 1 else p.schedule + (f" x{p.virtual_stages}" if p.virtual_stages > 1 else "")
+        schedule = "-" if p.pp == 1 else p.schedule + (f" x{p.stages_per_rank}" if p.stages_per_rank > 1 else "")
         parts = sorted(((v / e.step_time_s, k) for k, v in e.breakdown.items() if v >= 0.01 * e.step_time_s),
                        reverse=True)
-        table.add_row(str(i + 1), f"{p.dp}.{p.tp}{'+sp' if p.sequence_parallel else ''}.{p.pp}", str(p.zero),
-                      str(p.micro_batch), schedule, p.recompute, f"{e.step_time_s:.3g}", f"{e.mfu:.1%}",
+        table.add_row(str(i + 1), f"{p.dp}.{p.tp}{'+sp' if p.sp else ''}.{p.pp}", str(p.zero),
+                      f"{e.micro_batch} x {p.mb}", schedule, p.recompute, f"{e.step_time_s:.3g}", f"{e.mfu:.1%}",
                       f"{e.memory_gib_per_device:.1f}" + ("" if e.fits else " !"),
                       ", ".join(f"{SHORT[k]} {share:.0%}" for share, k in parts[:3]))
     console = Console()
     console.print(table)
-    console.print("time goes to: share of the step (tp/pp: exposed tensor/pipeline-parallel traffic; dp: exposed "
+    console.print("b x mb: sequences per micro-batch x micro-batches per replica; "
+                  "time goes to: share of the step (tp/pp: exposed tensor/pipeline-parallel traffic; dp: exposed "
                   "data-parallel traffic); GiB ! = does not fit")
     if tokens is not None and estimates:
         t = _training(estimates[0], tokens, hw.devices, hw.device.power_w)

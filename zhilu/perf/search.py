@@ -1,10 +1,13 @@
 """Search every valid plan and rank those that fit by predicted step time.
 
-Valid plans: ``dp * tp * pp`` = the devices; ``tp`` inside a node and dividing the heads,
-kv-heads and ffn size; ``pp`` up to the layers; micro-batch sizes dividing the sequences of
-a replica; ZeRO 0-3 when ``dp > 1``; 1F1B, or interleaved with ``v`` virtual stages (``v``
-divides the layers of a full stage; micro-batches a multiple of ``pp``, as Megatron-LM and
-PyTorch require); recompute none/selective/full.
+Valid plans (:class:`zhilu.plan.Plan`'s rules, and the hardware's): ``dp * tp * pp`` = the
+devices; ``tp`` inside a node and dividing the heads, kv-heads and ffn size; ``pp`` up to the
+layers; micro-batch sizes dividing the sequences of a replica, with at least ``pp``
+micro-batches under a pipeline; ZeRO 0-3 when ``dp > 1``; 1F1B, or interleaved with ``v``
+virtual stages (``v`` divides the layers of a full stage; micro-batches a multiple of ``pp``,
+as Megatron-LM and PyTorch require); recompute none/selective/full. Software that cannot
+split a tied embedding over stages (zhilu's) gets no pipeline for a tied model; one that
+splits the layers evenly (Megatron-LM) only ``pp`` dividing them.
 
 Pruned as dominated (slower, or as fast and needing more memory): GPipe (the same time
 as 1F1B in this model with more micro-batches in flight), tensor parallelism without
@@ -19,13 +22,17 @@ from dataclasses import fields
 from typing import Any
 
 from zhilu.errors import ZhiluError
-from zhilu.hardware import Cluster, cluster as load_cluster
 from zhilu.models.presets import GPTConfig
+from zhilu.perf.device import Cluster
 from zhilu.perf.flops import Transformer
+from zhilu.perf.hardware_file import cluster as load_cluster
 from zhilu.perf.memory import GIB
-from zhilu.perf.step import RECOMPUTE, ZHILU, Estimate, Plan, Software, StepModel
+from zhilu.perf.software import ZHILU, Software
+from zhilu.perf.step import Estimate, StepModel
+from zhilu.plan import RECOMPUTE, Plan, PlanError
 
-PLAN_FIELDS = tuple(f.name for f in fields(Plan))
+# Plan fields a search can pin, and ``micro_batch``: sequences per micro-batch (``mb`` counts them)
+PLAN_FIELDS = tuple(f.name for f in fields(Plan) if f.name != "avg_every") + ("micro_batch",)
 
 
 def divisors(n: int) -> list[int]:
@@ -42,7 +49,8 @@ def default_precision(cluster: Cluster) -> str:
 
 def search(model: Transformer, cluster: Cluster, global_batch: int, *, fixed: dict[str, Any] | None = None,
            software: Software = ZHILU, top: int | None = None, require_fit: bool = True) -> list[Estimate]:
-    """Plans that fit, fastest first; ``fixed`` pins plan fields (e.g. ``{"tp": 8}``).
+    """Plans that fit, fastest first; ``fixed`` pins plan fields (e.g. ``{"tp": 8}``; ``micro_batch``
+    pins the sequences per micro-batch, ``mb`` their number).
 
     With every field pinned, exactly that plan, whether or not it fits. Raises
     :class:`ZhiluError` when no plan is valid or none fits. ``require_fit=False`` ranks
@@ -52,10 +60,14 @@ def search(model: Transformer, cluster: Cluster, global_batch: int, *, fixed: di
     unknown = set(fixed) - set(PLAN_FIELDS)
     if unknown:
         raise ZhiluError("plan", f"unknown plan field {sorted(unknown)[0]!r}; valid: {', '.join(PLAN_FIELDS)}")
+    if not fixed.get("vstages", 1):
+        del fixed["vstages"]  # 0: the schedule's default, as if not given
+    given = ", ".join(f"{k}={v}" for k, v in fixed.items()) or "none fixed"
+    if fixed.get("precision") in (None, "auto"):
+        fixed["precision"] = default_precision(cluster)
     steps = StepModel(model, cluster, global_batch, software)
-    whole = {"precision": default_precision(cluster), **fixed}
-    if _complete(whole):
-        return [steps.evaluate(Plan(**whole))]
+    if _complete(fixed):
+        return [steps.evaluate(_whole(fixed, global_batch))]
     if "dp" in fixed or "tp" in fixed or "pp" in fixed:
         _check_degrees(steps, fixed)
     found: list[Estimate] = []
@@ -72,9 +84,9 @@ def search(model: Transformer, cluster: Cluster, global_batch: int, *, fixed: di
     if not found:
         if smallest is None:
             raise ZhiluError("plan", f"no valid plan for {cluster.devices} devices with these settings "
-                                     f"({', '.join(f'{k}={v}' for k, v in fixed.items()) or 'none fixed'})")
+                                     f"({given})")
         raise ZhiluError("plan", f"no plan fits in {cluster.device.memory_gib:g} GiB per device; the smallest "
-                                 f"needs {smallest[0] / GIB:.1f} GiB ({smallest[1].label()}): add devices or "
+                                 f"needs {smallest[0] / GIB:.1f} GiB ({smallest[1].describe()}): add devices or "
                                  "use a smaller model, batch or sequence")
     found.sort(key=lambda e: e.step_time_s)
     return found[:top] if top else found
@@ -86,10 +98,10 @@ def best_plan(config: GPTConfig, *, seq_len: int, global_batch: int, gpus: int, 
     """The fastest plan that fits: what ``zhilu train --plan auto`` runs.
 
     ``hardware`` is a preset name, a hardware file path or a :class:`Cluster`;
-    ``fixed`` pins plan fields (``dp``, ``tp``, ``pp``, ``zero``, ``micro_batch``,
-    ``schedule``, ``virtual_stages``, ``recompute``, ``sequence_parallel``, ``precision``;
-    precision defaults to :func:`default_precision`). Raises :class:`ZhiluError` when
-    nothing fits. ``Estimate.plan_spec()`` gives the ``--plan`` SPEC.
+    ``fixed`` pins fields of :class:`zhilu.plan.Plan` (``dp``, ``tp``, ``pp``, ``zero``, ``mb``,
+    ``schedule``, ``vstages``, ``sp``, ``recompute``, ``precision``; precision defaults to
+    :func:`default_precision`) or ``micro_batch`` (sequences per micro-batch). Raises
+    :class:`ZhiluError` when nothing fits. ``Estimate.plan_spec()`` gives the ``--plan`` SPEC.
     """
     if isinstance(hardware, str):
         c = load_cluster(hardware, gpus, gpus_per_node)
@@ -100,56 +112,76 @@ def best_plan(config: GPTConfig, *, seq_len: int, global_batch: int, gpus: int, 
 
 def _complete(fixed: dict[str, Any]) -> bool:
     """Whether ``fixed`` pins a whole plan (sequence parallelism and virtual stages only where they apply)."""
-    needed = {"dp", "tp", "pp", "zero", "micro_batch", "schedule", "recompute", "precision"}
-    if not needed <= set(fixed):
+    needed = {"dp", "tp", "pp", "zero", "schedule", "recompute", "precision"}
+    if not needed <= set(fixed) or not {"mb", "micro_batch"} & set(fixed):
         return False
-    return ((fixed["tp"] == 1 or "sequence_parallel" in fixed)
-            and (fixed["schedule"] != "interleaved" or "virtual_stages" in fixed))
+    return ((fixed["tp"] == 1 or "sp" in fixed)
+            and (fixed["schedule"] != "interleaved" or "vstages" in fixed))
+
+
+def _whole(fixed: dict[str, Any], global_batch: int) -> Plan:
+    """The plan ``fixed`` pins whole, its micro-batch size (``micro_batch``) turned into a count."""
+    values = dict(fixed)
+    size = values.pop("micro_batch", None)
+    if size is not None:
+        dp = values["dp"]
+        if not isinstance(dp, int) or dp < 1 or global_batch % dp:
+            raise ZhiluError("dp", f"dp={dp} must divide the global batch {global_batch}")
+        if not isinstance(size, int) or size < 1 or (global_batch // dp) % size:
+            raise ZhiluError("micro_batch", f"{size} must divide the {global_batch // dp} sequences per "
+                                            "data-parallel replica")
+        count = global_batch // dp // size
+        if values.setdefault("mb", count) != count:
+            raise ZhiluError("micro_batch", f"{size} sequences per micro-batch make {count} micro-batches, "
+                                            f"not mb={values['mb']}")
+    if values["tp"] == 1:
+        values.setdefault("sp", False)
+    return Plan(**values)
 
 
 def _check_degrees(steps: StepModel, fixed: dict[str, Any]) -> None:
-    """Readable errors for pinned degrees that cannot work, before searching the rest."""
-    m, c = steps.model, steps.cluster
+    """Readable errors for pinned degrees that cannot work, before searching the rest: they must
+    divide the devices, ``tp`` fit in a node, and the plan's own rules hold for them."""
+    c = steps.cluster
     for name in ("dp", "tp", "pp"):
         v = fixed.get(name)
         if v is not None and (not isinstance(v, int) or v < 1):
             raise ZhiluError(name, f"must be a positive integer, got {v!r}")
         if v is not None and c.devices % v:
             raise ZhiluError(name, f"{name}={v} must divide the {c.devices} devices")
-    tp = fixed.get("tp")
-    if tp is not None:
-        if tp > c.devices_per_node:
-            raise ZhiluError("tp", f"tp={tp} must fit in a node of {c.devices_per_node} devices")
-        if m.heads % tp or m.kv_heads % tp:
-            raise ZhiluError("tp", f"tp={tp} must divide heads={m.heads} and kv_heads={m.kv_heads}")
-        if m.ffn % tp:
-            raise ZhiluError("tp", f"tp={tp} must divide ffn={m.ffn}")
-    if fixed.get("pp") is not None and fixed["pp"] > m.layers:
-        raise ZhiluError("pp", f"pp={fixed['pp']} exceeds the {m.layers} layers")
+    tp = fixed.get("tp", 1)
+    if tp > c.devices_per_node:
+        raise ZhiluError("tp", f"tp={tp} must fit in a node of {c.devices_per_node} devices")
     product = 1
     for name in ("dp", "tp", "pp"):
         product *= fixed.get(name, 1)
     if c.devices % product or (len({"dp", "tp", "pp"} & set(fixed)) == 3 and product != c.devices):
         raise ZhiluError("dp", f"dp*tp*pp = {product} must equal the {c.devices} devices")
-    if fixed.get("dp") is not None and steps.global_batch % fixed["dp"]:
-        raise ZhiluError("dp", f"dp={fixed['dp']} must divide the global batch {steps.global_batch}")
+    pinned = Plan(dp=fixed.get("dp", 1), tp=tp, pp=fixed.get("pp", 1))
+    try:
+        pinned.check_model(steps.model.config, runtime=not steps.software.ties_across_stages)
+        pinned.check_batch(steps.global_batch)
+    except PlanError as e:
+        raise ZhiluError(e.key, e.message) from None
 
 
 def _candidates(steps: StepModel, fixed: dict[str, Any]) -> Iterator[list[Plan]]:
     """Valid, non-dominated plans (see the module docstring), as chains that differ in recompute only."""
-    m, c, batch = steps.model, steps.cluster, steps.global_batch
+    m, c, batch, sw = steps.model, steps.cluster, steps.global_batch, steps.software
     n = c.devices
 
     def allowed(name: str, values: list) -> list:
         return ([fixed[name]] if fixed[name] in values else []) if name in fixed else values
 
-    precision = fixed.get("precision") or default_precision(c)
+    precision = fixed["precision"]
     recomputes = allowed("recompute", list(RECOMPUTE))
     tps = [t for t in divisors(n) if t <= c.devices_per_node and not m.heads % t and not m.kv_heads % t
            and not m.ffn % t]
+    pps = [p for p in divisors(n) if p <= m.layers and (sw.stage_split != "even" or not m.layers % p)
+           and (p == 1 or sw.ties_across_stages or not m.tied)]
     for tp in allowed("tp", tps):
-        sp = tp > 1 and fixed.get("sequence_parallel", True)
-        for pp in allowed("pp", [p for p in divisors(n // tp) if p <= m.layers]):
+        sp = tp > 1 and fixed.get("sp", True)
+        for pp in allowed("pp", [p for p in pps if not (n // tp) % p]):
             dp = n // (tp * pp)
             if batch % dp or fixed.get("dp", dp) != dp:
                 continue
@@ -157,13 +189,17 @@ def _candidates(steps: StepModel, fixed: dict[str, Any]) -> Iterator[list[Plan]]
             zeros = allowed("zero", [0, 1, 2, 3] if dp > 1 else [0])
             for b in allowed("micro_batch", divisors(per_replica)):
                 micro_batches = per_replica // b
+                if fixed.get("mb", micro_batches) != micro_batches or (pp > 1 and micro_batches < pp):
+                    continue
                 pinned = fixed.get("schedule")
                 schedules = [("gpipe" if pinned == "gpipe" else "1f1b", 1)]
                 if pp > 1 and pinned != "gpipe" and not micro_batches % pp:
                     full_stage = -(-m.layers // pp)
                     schedules += [("interleaved", v) for v in divisors(full_stage) if 2 <= v and pp * v <= m.layers]
                 for schedule, v in schedules:
-                    if fixed.get("schedule", schedule) != schedule or fixed.get("virtual_stages", v) != v:
+                    if fixed.get("schedule", schedule) != schedule or fixed.get("vstages", v) != v:
                         continue
+                    vstages = v if schedule == "interleaved" else 0
                     for zero in zeros:
-                        yield [Plan(dp, tp, pp, zero, b, schedule, v, rec, sp, precision) for rec in recomputes]
+                        yield [Plan(dp=dp, tp=tp, pp=pp, zero=zero, mb=micro_batches, schedule=schedule,
+                                    vstages=vstages, sp=sp, recompute=rec, precision=precision) for rec in recomputes]

@@ -1,4 +1,4 @@
-"""The device's matrix-multiply rate, against which MFU is measured."""
+"""The device's measured matrix-multiply rate (benchmarks compare model FLOP/s with it; MFU is zhilu/mfu.py)."""
 
 from __future__ import annotations
 

@@ -1,17 +1,16 @@
 """Llama-style decoder: RMSNorm, rotary positions, grouped-query attention, SwiGLU.
 
-Module names follow torchtitan (``tok_embeddings``, ``layers.<i>.attention.wq``, ...) so that
-``zhilu.parallel`` can shard the model by name from :attr:`GPT.TP_PLAN` and split it into
-pipeline stages at :meth:`GPT.pipeline_units`. A pipeline stage is a ``GPT`` whose
-``tok_embeddings``, ``norm`` or ``output`` are set to ``None`` and whose ``layers`` hold only
-its own blocks. This file imports no parallel code.
+Module names follow torchtitan (``tok_embeddings``, ``layers.<i>.attention.wq``, ...); the
+model's tensor-parallel plan is in :mod:`zhilu.models.gpt.parallelize` and its spec in
+:mod:`zhilu.models.gpt.spec`. A pipeline stage is a ``GPT`` whose ``tok_embeddings``,
+``norm`` or ``output`` are set to ``None`` and whose ``layers`` hold only its own blocks.
+This file imports no parallel code.
 """
 
 from __future__ import annotations
 
 import math
 import zlib
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -98,17 +97,6 @@ class GPT(nn.Module):
     empty until ``to_empty(device=...)`` and ``init_weights(seed)``.
     """
 
-    #: Tensor-parallel style of each projection, by name relative to a block (``layers.<i>``).
-    TP_PLAN: ClassVar[dict[str, str]] = {
-        "attention.wq": "colwise",
-        "attention.wk": "colwise",
-        "attention.wv": "colwise",
-        "attention.wo": "rowwise",
-        "feed_forward.w1": "colwise",
-        "feed_forward.w3": "colwise",
-        "feed_forward.w2": "rowwise",
-    }
-
     rope_cos: Tensor
     rope_sin: Tensor
 
@@ -181,47 +169,6 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         """Number of parameters, each shared (tied) tensor counted once."""
         return sum(p.numel() for p in self.parameters())
-
-    def pipeline_units(self) -> list[str]:
-        """Module names, in order, between which a pipeline may place stage boundaries."""
-        return ["tok_embeddings", *(f"layers.{i}" for i in range(self.cfg.n_layers)), "norm", "output"]
-
-    @torch.no_grad()
-    def generate(
-        self,
-        prompt: Tensor,
-        max_new_tokens: int,
-        temperature: float = 0.8,
-        top_k: int | None = 40,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """Append ``max_new_tokens`` sampled tokens to ``prompt`` [1, t] and return [1, t + new].
-
-        The context is cropped to the last ``max_seq_len`` tokens (no KV cache).
-        ``temperature=0`` picks the most likely token; otherwise sampling is from the
-        ``top_k`` most likely tokens (all tokens when ``top_k`` is None) at that temperature,
-        drawing from ``generator`` (on the model's device) when given.
-        """
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        tokens = prompt
-        for _ in range(max_new_tokens):
-            logits = self(tokens[:, -self.cfg.max_seq_len:])[:, -1, :].float()
-            if temperature == 0:
-                next_token = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None and top_k < logits.size(-1):
-                    kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                next_token = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
-            tokens = torch.cat((tokens, next_token), dim=1)
-        return tokens
-
-
-def loss_fn(logits: Tensor, targets: Tensor) -> Tensor:
-    """Mean next-token cross-entropy over all positions, computed in fp32."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))
 
 
 def build_model(cfg: GPTConfig, device: str | torch.device = "cpu", seed: int = 0) -> GPT:

@@ -1,0 +1,65 @@
+"""zhilu from Python: train a model under a plan with one call.
+
+    import zhilu
+    summary = zhilu.train("examples/my_model.py:spec", plan="dp=2,zero=3", steps=50)
+    summary = zhilu.train(my_spec, plan="dp=2", nproc=2, settings={"train.lr": 1e-2})
+
+For a training loop of your own, :func:`zhilu.parallel.parallelize.parallelize` applies a
+plan to a module (tensor parallel, recompute, compile, DDP/FSDP2) on the process group
+:func:`zhilu.parallel.mesh.init_parallel` joins.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from zhilu.config import JobConfig, load_config
+from zhilu.errors import ZhiluError
+from zhilu.launch.prepare import launch, prepare
+from zhilu.spec import ModelSpec
+
+
+def train(model: ModelSpec | str = "gpt-tiny", *, plan: str = "", nproc: int = 0, data: str = "",
+          steps: int | None = None, global_batch: int | None = None, seq_len: int | None = None,
+          seed: int | None = None, out: str = "", resume: bool = False,
+          settings: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """Train ``model`` (a spec, or what ``--model`` takes) and return rank 0's summary (``summary.json``).
+
+    ``settings``: any other ``section.key`` of ``zhilu train --help``, e.g. ``{"train.lr": 1e-2}``.
+    Raises :class:`zhilu.errors.ZhiluError` for bad input, before anything starts.
+    """
+    spec = model if isinstance(model, ModelSpec) else None
+    values: dict[str, Any] = {"model.name": spec.name if spec else model, "parallel.plan": plan,
+                              "launch.nproc": nproc, "data.path": data, "run.out": out, "checkpoint.resume": resume,
+                              "train.steps": steps, "train.global_batch": global_batch, "train.seq_len": seq_len,
+                              "train.seed": seed, **(settings or {})}
+    cfg = load_config(None)
+    nested: dict[str, dict[str, Any]] = {}
+    for dotted, value in values.items():
+        section, _, key = dotted.partition(".")
+        if value is not None:
+            nested.setdefault(section, {})[key] = value
+    merged = {**cfg.to_dict()}
+    for section, keys in nested.items():
+        if section not in merged:
+            raise ZhiluError(section, f"unknown section; valid: {', '.join(merged)}")
+        merged[section] = {**merged[section], **keys}
+    cfg = JobConfig.from_dict(merged)
+    resolved, run_plan, resolved_spec = prepare(cfg, spec)
+    return launch(resolved, run_plan, resolved_spec)
+
+
+def load(model: ModelSpec | str, run_dir: str, device: str = "cpu") -> Any:
+    """The whole model of ``run_dir``'s newest checkpoint (trained under any plan), on ``device``."""
+    from pathlib import Path
+
+    from zhilu.models.registry import resolve
+    from zhilu.training.checkpoint import latest_checkpoint, load_model
+
+    spec = model if isinstance(model, ModelSpec) else resolve(model)
+    path = latest_checkpoint(Path(run_dir))
+    if path is None:
+        raise ZhiluError("run.out", f"{run_dir} holds no checkpoint; valid: the run directory of a finished run")
+    module = spec.create(device)
+    load_model(path, module, no_dist=True)
+    return module

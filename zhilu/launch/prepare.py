@@ -1,0 +1,209 @@
+"""Resolving a job against this machine, then starting its processes.
+
+Three ways a job runs, one code path per rank (:func:`zhilu.training.trainer.run`):
+
+* one process: in this process, no process group;
+* ``--nproc N``: N local processes started by torch elastic (the engine under torchrun),
+  spawn start method, rendezvous on 127.0.0.1, restarts after a crash up to ``--max-restarts``
+  (:mod:`zhilu.launch.local`);
+* under ``torchrun``: this process is already one of torchrun's ranks.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from zhilu.config import JobConfig, dump_toml
+from zhilu.errors import ZhiluError
+from zhilu.launch.local import run_local, under_torchrun
+from zhilu.models.registry import spec_of
+from zhilu.plan import Plan
+from zhilu.spec import ModelSpec
+
+
+def prepare(cfg: JobConfig, spec: ModelSpec | None = None, dry_run: bool = False) -> tuple[JobConfig, Plan, ModelSpec]:
+    """Fill in defaults from this machine and check everything before any process starts.
+
+    Returns the resolved config (what ``config.toml`` records), the plan and the model's spec
+    (``spec`` if given, else the one ``cfg.model`` names). ``dry_run``: write nothing.
+    """
+    import torch
+
+    from zhilu.data.batches import describe
+
+    launch = cfg.launch
+    device = launch.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ZhiluError("launch.device", "cuda was asked for but no CUDA device is visible; valid here: cpu or auto")
+    if under_torchrun():
+        world = int(os.environ["WORLD_SIZE"])
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        if launch.nproc not in (0, local):
+            raise ZhiluError("launch.nproc", f"under torchrun the processes are torchrun's ({local} on this node); drop --nproc")
+        nproc = local
+    else:
+        nproc = launch.nproc or (torch.cuda.device_count() if device == "cuda" else _world_of(cfg.parallel.plan))
+        world = nproc
+    if device == "cuda" and nproc > torch.cuda.device_count():
+        raise ZhiluError("launch.nproc", f"{nproc} processes but {torch.cuda.device_count()} CUDA devices; valid: 1-{torch.cuda.device_count()}")
+
+    spec = spec or spec_of(cfg)
+    seq_len = 0
+    if spec.is_language_model:
+        seq_len = cfg.train.seq_len or spec.max_seq_len or 0
+        if seq_len < 1:
+            raise ZhiluError("train.seq_len", f"{spec.name} declares no max_seq_len; give --seq-len")
+        if spec.max_seq_len and seq_len > spec.max_seq_len:
+            raise ZhiluError("train.seq_len", f"{seq_len} is longer than {spec.name}'s max_seq_len "
+                                              f"{spec.max_seq_len}; valid: at most {spec.max_seq_len}")
+    cfg = replace(cfg, train=replace(cfg.train, seq_len=seq_len))
+
+    auto = cfg.parallel.plan.strip() == "auto"
+    hw_source = _hardware(cfg.parallel.hardware, auto, device, nproc)
+    if auto:
+        plan = _auto_plan(cfg, spec, hw_source, device, world, nproc)
+        cfg = replace(cfg, parallel=replace(cfg.parallel, plan=_spec_text(plan)))
+    else:
+        plan = Plan.parse(cfg.parallel.plan, world)
+    plan = plan.resolved(device)
+    spec.check_plan(plan)
+    plan.check_batch(cfg.train.global_batch)
+    describe(cfg, spec)  # the data exists and fits the model
+
+    if launch.port and not under_torchrun():
+        _check_port_free(launch.port)
+
+    stem = Path(spec.name).name.replace(":", "-")
+    out = Path(cfg.run.out or f"runs/{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    _check_run_dir(out, cfg.checkpoint.resume, restarted=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0)
+
+    resolved = replace(
+        cfg,
+        parallel=replace(cfg.parallel, hardware=hw_source),
+        launch=replace(launch, device=device, nproc=nproc),
+        run=replace(cfg.run, out=str(out)),
+    )
+    if int(os.environ.get("RANK", 0)) == 0 and not dry_run:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / "config.toml.tmp"
+        tmp.write_text(dump_toml(resolved))
+        os.replace(tmp, out / "config.toml")
+    return resolved, plan, spec
+
+
+def dry_run(cfg: JobConfig, plan: Plan, spec: ModelSpec) -> None:
+    """Print what a prepared job would run: its configuration, its data and its prediction."""
+    from zhilu.data.batches import describe
+    from zhilu.hardware import cluster
+    from zhilu.training import predict
+
+    print(f"# zhilu train --dry-run: {spec.name} ({spec.num_params() / 1e6:.1f}M params), plan {plan.describe()} "
+          f"on {cfg.launch.nproc} x {cfg.launch.device}; nothing was started or written")
+    print(dump_toml(cfg), end="")
+    print(f"# data: {describe(cfg, spec).description}")
+    hw = cluster(cfg.parallel.hardware) if cfg.parallel.hardware else None
+    estimate, why_not = predict.predict(cfg, spec, plan, hw, cfg.launch.device, cfg.launch.nproc)
+    print(f"# {predict.describe(estimate, cfg.parallel.hardware)}" if estimate else f"# no prediction: {why_not}")
+
+
+def _world_of(plan: str) -> int:
+    """Processes a CPU job with no --nproc runs: the product of the degrees its plan names (1 without)."""
+    n = 1
+    for item in plan.split(","):
+        key, _, value = item.partition("=")
+        if key.strip() in ("dp", "tp", "pp") and value.strip().isdigit():
+            n *= max(1, int(value))
+    return n
+
+
+def _auto_plan(cfg: JobConfig, spec: ModelSpec, hw_source: str, device: str, world: int, nproc: int) -> Plan:
+    from zhilu.hardware import cluster
+    from zhilu.perf import job
+
+    if not hw_source:
+        raise ZhiluError("parallel.hardware", "--plan auto needs to know this GPU: run `zhilu calibrate`, or give "
+                         "a preset (a100-40gb, a100-80gb, h100-sxm, h200, v100-32gb) or a hardware file")
+    if spec.shape is None:
+        raise ZhiluError("parallel.plan", f"auto needs the model's transformer shape, and {spec.name} declares none "
+                                          "(ModelSpec.shape); give a plan such as dp=2")
+    plan, estimate = job.auto(spec.shape, cfg.train.seq_len, cfg.train.global_batch, world, cluster(hw_source),
+                              device, nodes_of=nproc)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"plan auto: {_spec_text(plan)}, predicted {estimate.step_time_s * 1e3:,.0f} ms/step "
+              f"(the fastest that fits, on {hw_source})", flush=True)
+    return plan
+
+
+def _spec_text(plan: Plan) -> str:
+    from zhilu.perf import job
+
+    return job.spec(plan)
+
+
+def _hardware(name: str, calibrate: bool, device: str, nproc: int) -> str:
+    """The hardware the prediction uses: ``name``, else this machine's calibration (measured now for
+    ``--plan auto`` when there is none, outside torchrun), else the device's preset."""
+    import torch
+
+    from zhilu.perf import job
+
+    if not name and calibrate and not under_torchrun():
+        from zhilu import hardware
+        from zhilu.calibrate import calibrate as measure
+
+        path = hardware.calibrated_path(device, nproc)
+        if not path.exists():
+            print(f"plan auto: calibrating this machine first ({nproc} x {device}; saved to {path})", flush=True)
+            try:
+                hardware.save(measure(device, nproc), path)
+            except OSError as e:
+                raise ZhiluError("parallel.hardware", f"cannot write the calibration to {path} ({e.strerror}); "
+                                 "set XDG_CACHE_HOME, or give a preset or hardware file") from None
+    gpu = torch.cuda.get_device_name() if device == "cuda" else ""
+    try:
+        return job.hardware(name, device, nproc, gpu)[1]
+    except ZhiluError as e:
+        raise ZhiluError("parallel.hardware", e.message) from None
+
+
+def launch(cfg: JobConfig, plan: Plan, spec: ModelSpec) -> dict[str, Any] | None:
+    """Run the prepared job; returns rank 0's summary where this process can see it.
+
+    A spec from ``--model`` is resolved again in each process; one built in Python is pickled to them."""
+    from zhilu.training import trainer
+
+    n = cfg.launch.nproc
+    if under_torchrun() or (n == 1 and cfg.launch.max_restarts == 0):
+        return trainer.run(cfg, plan, spec)
+    sent = None if spec.source is not None else spec
+    return run_local(trainer.run, (cfg, plan, sent), n, cfg.launch.port, cfg.launch.max_restarts)[0]
+
+
+def _check_port_free(port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            raise ZhiluError("launch.port", f"port {port} is in use; valid: a free port, or 0 to pick one") from None
+
+
+def _check_run_dir(out: Path, resume: bool, restarted: bool) -> None:
+    """A new run needs a fresh directory; a resumed one an intact checkpoint. A run that
+    torchrun restarted continues from its latest checkpoint, or from the start if it has none."""
+    from zhilu.training.checkpoint import latest_checkpoint, verify
+
+    latest = latest_checkpoint(out)
+    if resume or restarted:
+        if latest is not None:
+            verify(latest)
+        elif resume:
+            raise ZhiluError("checkpoint.resume", f"{out} has no checkpoint to resume from; run without --resume")
+    elif (out / "metrics.jsonl").exists() or (out / "checkpoints").exists():
+        raise ZhiluError("run.out", f"{out} already holds a run; pass --resume to continue it, or choose another --out")

@@ -1,0 +1,80 @@
+"""What the training software does, as far as time and memory go: named stacks.
+
+:data:`ZHILU` is zhilu's own runtime; ``benchmarks/published.py`` describes Megatron-LM,
+Megatron-Core, torchtitan and Llama 3's stack the same way. Pure Python.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Optimizer step, bytes per local parameter: fused Adam reads weight, gradient and two moments
+# in fp32 and writes three (28), the gradient norm for clipping reads the gradients (4), zeroing
+# them writes (4); mixed precision then casts the fp32 master to the bf16 weight (6).
+OPTIMIZER_BYTES = {"bf16": 42, "fp32": 36}
+# PyTorch's default (foreach, not fused) AdamW runs one multi-tensor kernel per op over the fp32
+# shards (torch/optim/adamw.py, _multi_tensor_adamw): weight decay mul_ (r4 w4), lerp_ of the
+# first moment (r8 w4), mul_ and addcmul_ of the second (r4 w4, r8 w4), sqrt, div_, add_ eps
+# (r4 w4 each, into a temporary), addcdiv_ into the weight (r12 w4): 80 bytes; clip_grad_norm_
+# (foreach) reads the gradients for the norm and scales them (r4, r4 w4): 12. FSDP2's sharded
+# weights are the fp32 master, cast to bf16 by its all-gather, so no cast here.
+FOREACH_ADAMW_BYTES = 92
+
+
+@dataclass(frozen=True)
+class Software:
+    """What the training software does, as far as time and memory go.
+
+    ``fused_kernels``: Megatron/Transformer-Engine kernels or torch.compile (else eager
+    PyTorch, one kernel per op). ``flash_attention``: a fused causal attention kernel where
+    the device has one. ``selective``: what recompute mode ``selective`` recomputes:
+    ``attention`` (the attention core, Korthikanti et al. 2022), ``ops`` (PyTorch's per-op
+    policy as in torchtitan: elementwise ops and every second product), ``elementwise``
+    (zhilu's: every product and attention kept, the elementwise ops recomputed) or
+    ``alternate`` (every second layer in full). ``*_overlap``: tensor-parallel collectives run under the
+    products (Megatron-Core, async TP), gradient/parameter traffic under backward/forward
+    (DDP buckets, FSDP prefetch), pipeline transfers under compute. ``fused_projections``:
+    q, k, v as one product and gate, up as one (Megatron's ``linear_qkv``, ``linear_fc1``),
+    else one product per weight (torchtitan's and zhilu's Llama). ``foreach_adamw``: PyTorch's
+    default multi-tensor AdamW instead of a fused one. Buckets, FSDP units, pipelines and how
+    their layers are split: see the fields.
+    """
+
+    name: str
+    fused_kernels: bool = False
+    flash_attention: bool = True
+    selective: str = "attention"
+    tp_overlap: bool = False
+    dp_overlap: bool = True
+    pp_overlap: bool = False
+    grad_reduce_bytes: int = 4  # gradients are reduced in fp32 (2: in bf16/fp16)
+    p2p_scatter_gather: bool = False  # pipeline sends 1/tp of an activation and all-gathers it (Megatron-LM)
+    bucket_mb: float = 25.0  # PyTorch DDP's bucket_cap_mb: the last bucket's reduction is exposed
+    # Buckets counted in parameters instead, max(bucket_params, bucket_params_per_dp * dp) of them
+    # (Megatron-Core's DistributedDataParallel); 0: bucket_mb applies.
+    bucket_params: int = 0
+    bucket_params_per_dp: int = 0
+    # FSDP: the output layer shares the embedding's unit (torchtitan until 2025 wraps both in the
+    # root module), so the first gather and the last reduce-scatter carry both tables
+    fsdp_output_with_embedding: bool = False
+    fused_projections: bool = False  # q, k, v in one product and gate, up in one (Megatron); else one per weight
+    foreach_adamw: bool = False  # PyTorch's default multi-tensor AdamW (FOREACH_ADAMW_BYTES), not a fused kernel
+    # Pipeline stages run by torch.distributed.pipelining (zhilu's runtime): every micro-batch's
+    # backward sets FSDP's gradient sync and resharding after backward off, and the stage reduces
+    # its gradients after the last backward (PipelineStage.perform_reduce_grad), with no compute
+    # left to hide under. ZeRO-1/2 gather the stage's weights once per step and hold them and the
+    # full gradients; ZeRO-3 also reshards each layer after its forward, so it gathers every layer
+    # again for each micro-batch (m + 1 gathers a step) while holding as much as ZeRO-1 at its peak.
+    torch_pipelining: bool = False
+    # Layers per pipeline stage: zhilu.plan.stage_layers (the embedding and the output layer each
+    # count as one layer), or "even" (Megatron-LM: layers / stages on every stage, which must divide)
+    stage_split: str = "zhilu"
+    # A tied output layer may sit on another pipeline stage than the embedding (Megatron-LM keeps
+    # a copy there and all-reduces the two gradients); zhilu's runtime refuses such a plan.
+    ties_across_stages: bool = True
+
+
+# zhilu's own runtime: eager PyTorch, SDPA flash attention, DDP buckets and FSDP2 prefetch
+# overlapped, DTensor tensor parallelism without overlap, torch.distributed.pipelining,
+# selective recompute of the elementwise ops (zhilu/parallel/recompute.py), fused AdamW on GPUs.
+ZHILU = Software("zhilu", selective="elementwise", torch_pipelining=True, ties_across_stages=False)
