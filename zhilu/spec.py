@@ -104,13 +104,13 @@ class ModelSpec:
 
     def __post_init__(self) -> None:
         if not all(callable(f) for f in (self.build, self.init_weights, self.loss)):
-            raise ZhiluError("model", f"{self.name}: build, init_weights and loss must be callables")
+            raise ZhiluError("model.name", f"{self.name}: build, init_weights and loss must be callables")
         if (self.vocab_size is None) == (self.dataset is None):
-            raise ZhiluError("model", f"{self.name}: declare vocab_size (a language model on zhilu's data) "
+            raise ZhiluError("model.name", f"{self.name}: declare vocab_size (a language model on zhilu's data) "
                                       "or dataset (the model's own data), exactly one")
         for key, style in {**(self.tp_plan or {}), **(self.sp_plan or {})}.items():
             if isinstance(style, str) and style not in TP_STYLES:
-                raise ZhiluError("model", f"{self.name}: tp_plan[{key!r}] = {style!r}; valid: {', '.join(TP_STYLES)} "
+                raise ZhiluError("model.name", f"{self.name}: tp_plan[{key!r}] = {style!r}; valid: {', '.join(TP_STYLES)} "
                                           "or a torch ParallelStyle")
 
     @property
@@ -133,10 +133,10 @@ class ModelSpec:
     def blocks_of(self, model: nn.Module) -> nn.ModuleDict | nn.ModuleList:
         """The container of repeated blocks of ``model`` (or of one of its pipeline stages)."""
         if self.blocks is None:
-            raise ZhiluError("model", f"{self.name} declares no blocks")
+            raise ZhiluError("model.name", f"{self.name} declares no blocks")
         found = model.get_submodule(self.blocks)
         if not isinstance(found, (nn.ModuleDict, nn.ModuleList)):
-            raise ZhiluError("model", f"{self.name}: blocks={self.blocks!r} is a {type(found).__name__}; "
+            raise ZhiluError("model.name", f"{self.name}: blocks={self.blocks!r} is a {type(found).__name__}; "
                                       "valid: the name of an nn.ModuleDict or nn.ModuleList")
         return found
 

@@ -71,4 +71,12 @@ def training_data(cfg: JobConfig, spec: ModelSpec, dp_rank: int, dp_size: int) -
 
 
 def _bytes_text(ids: list[int]) -> str:
-    return bytes(ids).decode("utf-8", errors="replace")
+    """Byte-level ids as text; an id past 255 (a model with a larger vocabulary) is U+FFFD."""
+    out, run = [], bytearray()
+    for i in ids:
+        if i < 256:
+            run.append(i)
+            continue
+        out += [run.decode("utf-8", errors="replace"), "\ufffd"]
+        run = bytearray()
+    return "".join(out) + run.decode("utf-8", errors="replace")

@@ -196,10 +196,12 @@ def _check_port_free(port: int) -> None:
 
 def _check_run_dir(out: Path, resume: bool, restarted: bool) -> None:
     """A new run needs a fresh directory; a resumed one an intact checkpoint. A run that
-    torchrun restarted continues from its latest checkpoint, or from the start if it has none."""
+    torchrun restarted continues from its latest checkpoint, or from the start if it has none.
+    Both refuse a ``latest`` that names no checkpoint of ``out``, damaged files and a
+    ``.metadata`` holding more than DCP metadata."""
     from zhilu.training.checkpoint import latest_checkpoint, verify
 
-    latest = latest_checkpoint(out)
+    latest = latest_checkpoint(out, strict=resume or restarted)
     if resume or restarted:
         if latest is not None:
             verify(latest)

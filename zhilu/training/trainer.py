@@ -85,8 +85,10 @@ class Trainer:
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep, env.is_main)
         self.step = 0
         self.restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
-        latest = self.checkpointer.latest()
-        if latest is not None and (cfg.checkpoint.resume or self.restarts > 0):
+        # A resumed or restarted run continues from a valid `latest` (else refuses), its files
+        # checked against the manifest first (load() verifies); with no checkpoint, from the start.
+        latest = self.checkpointer.latest(strict=True) if cfg.checkpoint.resume or self.restarts > 0 else None
+        if latest is not None:
             state = self.checkpointer.load(latest, self.parts, self.optimizers)
             self.step = state["step"]
             self.loader.load_state_dict(state["loader"])
