@@ -53,5 +53,18 @@ def test_the_plan_sets_the_process_count_on_cpu_and_torch_warns_of_nothing(tmp_p
     result = zhilu("train", "--plan", "dp=2,zero=3", "--steps", "2", "--seq-len", "32", "--global-batch", "4",
                    "--train.sample_tokens", "0", "--train.eval_batches", "1", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2
     assert "Warning" not in result.stderr, result.stderr
+    # one MFU: model FLOPs over the peak of the hardware the run predicts on, as zhilu plan computes it
+    from zhilu.hardware import cluster
+    from zhilu.mfu import mfu
+    from zhilu.models.presets import preset
+
+    peak = cluster(summary["hardware"]).device.peak_tflops["fp32"]
+    assert summary["peak_tflops"] == peak
+    flops = preset("gpt-tiny").flops_per_token(32)
+    assert summary["mfu"] == pytest.approx(mfu(flops, summary["tokens_per_s"], 2, peak)) and 0 < summary["mfu"] < 1
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        assert record["mfu"] == pytest.approx(mfu(flops, record["tokens_per_s"], 2, peak))

@@ -11,7 +11,7 @@ from zhilu.errors import ZhiluError
 from zhilu.perf import plan_cli
 
 PLAN_KEYS = {"dp", "tp", "pp", "zero", "micro_batch", "mb", "schedule", "recompute", "step_time_s", "tokens_per_s",
-             "model_tflops_per_gpu", "mfu", "memory_gib_per_device", "fits", "breakdown"}
+             "model_tflops_per_gpu", "mfu", "peak_tflops", "memory_gib_per_device", "fits", "breakdown"}
 BREAKDOWN_KEYS = {"compute", "recompute", "tp_comm", "pp_comm", "dp_comm_exposed", "bubble", "optimizer", "other"}
 JOB = ["--model", "llama3-8b", "--seq-len", "4096", "--global-batch", "64", "--gpus", "16", "--hardware", "h100-sxm"]
 
@@ -32,6 +32,7 @@ def test_json_is_the_contract(capsys):
         assert p["fits"] and p["dp"] * p["tp"] * p["pp"] == 16
         assert p["micro_batch"] * p["mb"] * p["dp"] == 64  # sequences per micro-batch, micro-batches, replicas
         assert sum(p["breakdown"].values()) == pytest.approx(p["step_time_s"])
+        assert p["peak_tflops"] == 989 and p["mfu"] == pytest.approx(p["model_tflops_per_gpu"] / p["peak_tflops"])
     times = [p["step_time_s"] for p in out["plans"]]
     assert times == sorted(times)
 

@@ -21,10 +21,10 @@ TRAIN_FLAGS: dict[str, tuple[str, str]] = {
     "--data": ("data.path", "text file, folder of text files, or uint16 .bin tokens (default: the Python standard library)"),
     "--nproc": ("launch.nproc", "local processes (default: one per GPU; on CPU dp x tp x pp of --plan, else 1)"),
     "--plan": ("parallel.plan", "key=value list of dp, tp, pp, zero, mb, schedule, vstages, sp, recompute, "
-               "avg_every, e.g. dp=2,tp=2,zero=3; or auto: the fastest plan the performance model predicts "
-               "(default: dp over all processes)"),
+               "avg_every, avg_groups, precision, e.g. dp=2,tp=2,zero=3; or auto: the fastest plan the performance "
+               "model predicts (default: dp over all processes)"),
     "--steps": ("train.steps", "optimizer steps (default 250)"),
-    "--global-batch": ("train.global_batch", "sequences per step over all replicas (default 16)"),
+    "--global-batch": ("train.global_batch", "sequences (samples) per step over all replicas (default 16)"),
     "--seq-len": ("train.seq_len", "tokens per sequence (default: the model's, 256 for gpt-tiny)"),
     "--seed": ("train.seed", "random seed (default 0)"),
     "--out": ("run.out", "run directory (default: runs/<model>-<time>)"),
@@ -42,8 +42,10 @@ class _Parser(argparse.ArgumentParser):
 def _train_parser() -> argparse.ArgumentParser:
     from zhilu.config import settings_help
 
-    lines = [f"  --{key} {str(default).lower() if isinstance(default, bool) else default!r}\n      {text}"
-             for key, text, default in settings_help()]
+    def shown(default: object) -> str:
+        return str(default).lower() if isinstance(default, bool) else repr(default)
+
+    lines = [f"  --{key} {shown(default)}\n      {text}" for key, text, default in settings_help()]
     p = _Parser(
         prog="zhilu train",
         description="Train a model. Every setting can also be given as --section.key VALUE or in CONFIG.toml "

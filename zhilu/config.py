@@ -69,7 +69,7 @@ class TrainSection:
 @dataclass
 class ParallelSection:
     plan: str = setting("", "e.g. dp=2,tp=2,zero=3 (keys: dp tp pp zero mb schedule vstages sp recompute "
-                            "avg_every precision); empty: data parallel over all processes; auto: the fastest "
+                            "avg_every avg_groups precision); empty: data parallel over all processes; auto: the fastest "
                             "plan the performance model predicts")
     hardware: str = setting("", "hardware preset or file the prediction and MFU use; empty: this machine's "
                                 "calibration, else the GPU's preset")

@@ -189,7 +189,9 @@ def _table(estimates: list[Estimate], model: Transformer, hw: Cluster, global_ba
                       ", ".join(f"{SHORT[k]} {share:.0%}" for share, k in parts[:3]))
     console = Console()
     console.print(table)
-    console.print("b x mb: sequences per micro-batch x micro-batches per replica; "
+    peaks = sorted({(e.plan.precision, e.peak_tflops) for e in estimates})
+    console.print("b x mb: sequences per micro-batch x micro-batches per replica; MFU: model FLOP/s over the peak of "
+                  + ", ".join(f"{peak:g} TFLOP/s {precision}" for precision, peak in peaks) + f" per {hw.device.name}; "
                   "time goes to: share of the step (tp/pp: exposed tensor/pipeline-parallel traffic; dp: exposed "
                   "data-parallel traffic); GiB ! = does not fit")
     if tokens is not None and estimates:

@@ -60,8 +60,8 @@ class Estimate:
         return {"dp": p.dp, "tp": p.tp, "pp": p.pp, "zero": p.zero, "micro_batch": self.micro_batch, "mb": p.mb,
                 "schedule": p.schedule, "recompute": p.recompute, "step_time_s": self.step_time_s,
                 "tokens_per_s": self.tokens_per_s, "model_tflops_per_gpu": self.model_tflops_per_gpu,
-                "mfu": self.mfu, "memory_gib_per_device": self.memory_gib_per_device, "fits": self.fits,
-                "breakdown": dict(self.breakdown)}
+                "mfu": self.mfu, "peak_tflops": self.peak_tflops, "memory_gib_per_device": self.memory_gib_per_device,
+                "fits": self.fits, "breakdown": dict(self.breakdown)}
 
 
 class StepModel:

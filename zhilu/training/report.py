@@ -26,7 +26,8 @@ def print_memory(progress: TrainProgress, rows: list[dict[str, float]], device_t
 def print_summary(progress: TrainProgress, s: dict[str, Any], run_dir: Path) -> None:
     plan = Plan(**s["plan"]).describe()
     unit = "tokens" if s["seq_len"] else "samples"
-    mfu = f", MFU {100 * s['mfu']:.1f}% of {s['peak_tflops']:g} TFLOP/s per device" if s["mfu"] is not None else ""
+    mfu = (f", MFU {100 * s['mfu']:.1f}% of the {s['peak_tflops']:g} TFLOP/s peak of {s['hardware']}"
+           if s["mfu"] is not None else "")
     lines = [f"[bold]plan[/]        {plan} on {s['world_size']} x {s['device']}"]
     if s["measured_step_time_s"] is not None:
         lines.append(f"[bold]throughput[/]  {s['tokens_per_s']:,.0f} {unit}/s, "
