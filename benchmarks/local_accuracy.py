@@ -64,14 +64,14 @@ def main() -> None:
             measured: dict[str, float] = {}
             here: list[float] = []
             for i, (plan, _) in enumerate(plans):
-                spec = job.spec(plan)
+                spec = plan.spec()
                 s = train(spec, n, hw_file, root / f"run-{n}-{i}", args.steps)
                 measured[spec] = s["measured_step_time_s"]
                 here.append(abs(s["prediction_error"]) * 100)
                 print(f"{spec:<58} {s['predicted_step_time_s'] * 1e3:>8.0f}ms {measured[spec] * 1e3:>8.0f}ms "
                       f"{s['prediction_error'] * 100:>+6.1f}%", flush=True)
             errors += here
-            picked, fastest = job.spec(plans[0][0]), min(measured, key=measured.get)
+            picked, fastest = plans[0][0].spec(), min(measured, key=measured.get)
             print(f"median |error| with {n} processes: {statistics.median(here):.1f}% over {len(here)} plans")
             print(f"picked {picked}: {measured[picked] * 1e3:.0f} ms; fastest measured {fastest}: "
                   f"{measured[fastest] * 1e3:.0f} ms")

@@ -46,6 +46,12 @@ def test_dry_run_checks_and_prints_without_writing(tmp_path: Path) -> None:
     assert not out.exists()
     bad = zhilu("train", "--dry-run", "--plan", "dp=2,tp=5", "--out", str(out))
     assert bad.returncode == 2 and bad.stderr.startswith("error: parallel.plan")
+    auto = zhilu("train", "--dry-run", "--plan", "auto", "--parallel.hardware", "cpu", "--nproc", "2", "--out", str(out))
+    assert auto.returncode == 0 and "plan auto: dp=2," in auto.stdout, auto.stderr
+    no_shape = zhilu("train", "--dry-run", "--model", "examples/my_model.py:spec", "--plan", "auto",
+                     "--parallel.hardware", "cpu", "--out", str(out))
+    assert no_shape.returncode == 2 and "auto needs the model's transformer shape" in no_shape.stderr
+    assert not out.exists()
 
 
 def test_the_plan_sets_the_process_count_on_cpu_and_torch_warns_of_nothing(tmp_path: Path) -> None:

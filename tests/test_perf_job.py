@@ -27,7 +27,7 @@ def test_the_model_predicts_the_training_plan_itself(spec: str) -> None:
     e = job.predict(TINY, 256, 16, plan, CPU, "cpu")
     assert e.micro_batch * plan.mb * plan.dp == 16  # sequences per micro-batch x micro-batches x replicas
     assert e.plan == plan.resolved("cpu") and e.plan.precision == "fp32"  # auto: what zhilu trains in on a CPU
-    assert Plan.parse(job.spec(plan), plan.world_size) == plan
+    assert Plan.parse(plan.spec(), plan.world_size) == plan
 
 
 def _world(spec: str) -> int:
@@ -74,7 +74,7 @@ def test_explain_names_the_largest_term_and_a_faster_plan() -> None:
     e = job.predict(TINY, 256, 16, slow, CPU, "cpu")
     assert x["dominating"] == max(e.breakdown, key=e.breakdown.get)
     best_plan, best = job.auto(TINY, 256, 16, 2, CPU, "cpu")
-    assert x["switch_to"]["plan"] == job.spec(best_plan)
+    assert x["switch_to"]["plan"] == best_plan.spec()
     assert x["switch_to"]["predicted_speedup"] == pytest.approx(e.step_time_s / best.step_time_s)
     assert job.explain(TINY, 256, 16, best_plan, CPU, "cpu")["switch_to"] is None
 

@@ -69,7 +69,7 @@ def prepare(cfg: JobConfig, spec: ModelSpec | None = None, dry_run: bool = False
     hw_source = _hardware(cfg.parallel.hardware, auto, device, nproc)
     if auto:
         plan = _auto_plan(cfg, spec, hw_source, device, world, nproc)
-        cfg = replace(cfg, parallel=replace(cfg.parallel, plan=_spec_text(plan)))
+        cfg = replace(cfg, parallel=replace(cfg.parallel, plan=plan.spec()))
     else:
         plan = Plan.parse(cfg.parallel.plan, world)
     plan = plan.resolved(device)
@@ -136,15 +136,9 @@ def _auto_plan(cfg: JobConfig, spec: ModelSpec, hw_source: str, device: str, wor
     plan, estimate = job.auto(spec.shape, cfg.train.seq_len, cfg.train.global_batch, world, cluster(hw_source),
                               device, nodes_of=nproc)
     if int(os.environ.get("RANK", 0)) == 0:
-        print(f"plan auto: {_spec_text(plan)}, predicted {estimate.step_time_s * 1e3:,.0f} ms/step "
+        print(f"plan auto: {plan.spec()}, predicted {estimate.step_time_s * 1e3:,.0f} ms/step "
               f"(the fastest that fits, on {hw_source})", flush=True)
     return plan
-
-
-def _spec_text(plan: Plan) -> str:
-    from zhilu.perf import job
-
-    return job.spec(plan)
 
 
 def _hardware(name: str, calibrate: bool, device: str, nproc: int) -> str:

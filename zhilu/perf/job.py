@@ -132,11 +132,6 @@ def explain(model: GPTConfig, seq_len: int, global_batch: int, plan: Plan, hw: C
     gain = current.step_time_s / best.step_time_s
     switch = None
     if gain > 1.02 and best_plan.resolved(device_type) != replace(plan, avg_every=0).resolved(device_type):
-        switch = {"plan": spec(best_plan), "predicted_step_time_s": best.step_time_s, "predicted_speedup": gain}
+        switch = {"plan": best_plan.spec(), "predicted_step_time_s": best.step_time_s, "predicted_speedup": gain}
     return {"dominating": top, "share": current.breakdown[top] / current.step_time_s, "meaning": MEANING[top],
             "switch_to": switch}
-
-
-def spec(plan: Plan) -> str:
-    """The ``--plan`` SPEC that reproduces ``plan`` (:meth:`zhilu.plan.Plan.spec`)."""
-    return plan.spec()
