@@ -3,6 +3,7 @@ what it does not declare is refused with an error naming the declaration."""
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,21 @@ def test_model_files_resolve_to_their_spec(tmp_path: Path) -> None:
         assert e.value.field == "model.name"
     with pytest.raises(ZhiluError, match="shape overrides"):
         resolve("examples/my_model.py:spec", {"n_layers": 2})
+
+
+def test_a_spec_that_cannot_reach_other_processes_is_refused_before_they_start(tmp_path: Path) -> None:
+    from zhilu.config import load_config
+    from zhilu.launch.prepare import prepare
+
+    cfg = load_config(None, [("launch.nproc", "2"), ("run.out", str(tmp_path / "run"))])
+    local = ModelSpec(name="local", build=lambda: nn.Linear(2, 2), loss=F.mse_loss,
+                      dataset=lambda seed: ((torch.zeros(64, 2), torch.zeros(64, 2)),) * 2)
+    with pytest.raises(ZhiluError, match="cannot be sent to 2 processes.*module-level") as e:
+        prepare(cfg, local, dry_run=True)
+    assert e.value.field == "model.name"
+    sendable = ModelSpec(name="sendable", build=partial(nn.Linear, 2, 2), loss=F.mse_loss, dataset=zeros)
+    assert prepare(cfg, sendable, dry_run=True)[2] is sendable
+
+
+def zeros(seed: int) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    return ((torch.zeros(64, 2), torch.zeros(64, 2)),) * 2

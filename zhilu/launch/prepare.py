@@ -54,6 +54,8 @@ def prepare(cfg: JobConfig, spec: ModelSpec | None = None, dry_run: bool = False
     if device == "cuda" and nproc > torch.cuda.device_count():
         raise ZhiluError("launch.nproc", f"{nproc} processes but {torch.cuda.device_count()} CUDA devices; valid: 1-{torch.cuda.device_count()}")
 
+    if spec is not None and spec.source is None and nproc > 1 and not under_torchrun():
+        _check_picklable(spec, nproc)
     spec = spec or spec_of(cfg)
     seq_len = 0
     if spec.is_language_model:
@@ -111,6 +113,18 @@ def dry_run(cfg: JobConfig, plan: Plan, spec: ModelSpec) -> None:
     hw = cluster(cfg.parallel.hardware) if cfg.parallel.hardware else None
     estimate, why_not = predict.predict(cfg, spec, plan, hw, cfg.launch.device, cfg.launch.nproc)
     print(f"# {predict.describe(estimate, cfg.parallel.hardware)}" if estimate else f"# no prediction: {why_not}")
+
+
+def _check_picklable(spec: ModelSpec, nproc: int) -> None:
+    """A spec built in Python travels to the spawned processes by pickle."""
+    import pickle
+
+    try:
+        pickle.dumps(spec)
+    except (pickle.PicklingError, AttributeError, TypeError) as e:
+        raise ZhiluError("model.name", f"{spec.name} cannot be sent to {nproc} processes ({str(e).splitlines()[0]}); "
+                                       "valid: a spec whose functions are module-level (or functools.partial of "
+                                       "them), or a FILE.py:NAME each process loads") from None
 
 
 def _world_of(plan: str) -> int:
