@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from zhilu.config import JobConfig, load_config
+from zhilu.config import JobConfig
 from zhilu.errors import ZhiluError
 from zhilu.launch.prepare import launch, prepare
 from zhilu.spec import ModelSpec
@@ -33,18 +33,12 @@ def train(model: ModelSpec | str = "gpt-tiny", *, plan: str = "", nproc: int = 0
                               "launch.nproc": nproc, "data.path": data, "run.out": out, "checkpoint.resume": resume,
                               "train.steps": steps, "train.global_batch": global_batch, "train.seq_len": seq_len,
                               "train.seed": seed, **(settings or {})}
-    cfg = load_config(None)
     nested: dict[str, dict[str, Any]] = {}
     for dotted, value in values.items():
         section, _, key = dotted.partition(".")
         if value is not None:
             nested.setdefault(section, {})[key] = value
-    merged = {**cfg.to_dict()}
-    for section, keys in nested.items():
-        if section not in merged:
-            raise ZhiluError(section, f"unknown section; valid: {', '.join(merged)}")
-        merged[section] = {**merged[section], **keys}
-    cfg = JobConfig.from_dict(merged)
+    cfg = JobConfig.from_dict(nested)
     resolved, run_plan, resolved_spec = prepare(cfg, spec)
     return launch(resolved, run_plan, resolved_spec)
 
@@ -57,7 +51,7 @@ def load(model: ModelSpec | str, run_dir: str, device: str = "cpu") -> Any:
     from zhilu.training.checkpoint import latest_checkpoint, load_model
 
     spec = model if isinstance(model, ModelSpec) else resolve(model)
-    path = latest_checkpoint(Path(run_dir))
+    path = latest_checkpoint(Path(run_dir), strict=True)  # a bad `latest` says what is wrong
     if path is None:
         raise ZhiluError("run.out", f"{run_dir} holds no checkpoint; valid: the run directory of a finished run")
     module = spec.create(device)

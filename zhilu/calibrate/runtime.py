@@ -81,7 +81,7 @@ def _measure_fsdp(device: Any) -> list[dict[str, Any]]:
     out = []
     for shape in _FSDP_LAYERS:
         plain, _ = _layer_seconds(device, shape, lambda model: model)
-        sharded, _ = _layer_seconds(device, shape,
-                                    lambda model: apply_data_parallel(model, model.layers, Plan(dp=world, zero=3), env))
+        sharded, _ = _layer_seconds(device, shape, lambda model: apply_data_parallel(
+            model, list(model.layers.values()), Plan(dp=world, zero=3), env))
         out.append({"shape": shape, "added": sharded - plain})
     return out

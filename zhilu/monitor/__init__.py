@@ -1,1 +1,1 @@
-"""Watching a run: step timing, MFU, progress and metrics files."""
+"""Watching a run: what each rank holds in memory, the progress display, the device's matmul rate."""

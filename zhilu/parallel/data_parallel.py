@@ -32,8 +32,7 @@ from zhilu.parallel.mesh import ParallelEnv
 from zhilu.plan import Plan
 
 
-def apply_data_parallel(model: nn.Module, blocks: nn.ModuleDict | nn.ModuleList | None, plan: Plan,
-                        env: ParallelEnv) -> nn.Module:
+def apply_data_parallel(model: nn.Module, blocks: list[nn.Module], plan: Plan, env: ParallelEnv) -> nn.Module:
     """Wrap ``model`` for the plan's dp axis; a no-op when dp == 1. Under FSDP2 each of
     ``blocks`` is its own unit and the rest of the model is the root's."""
     if plan.dp == 1 or (plan.avg_every and "sync" not in env.groups):
@@ -56,7 +55,7 @@ def apply_data_parallel(model: nn.Module, blocks: nn.ModuleDict | nn.ModuleList 
     on_cuda = env.device.type == "cuda"  # gather bf16 parameters, reduce fp32 gradients
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if on_cuda else MixedPrecisionPolicy()
     reshard = plan.zero == 3
-    for block in (blocks.values() if isinstance(blocks, nn.ModuleDict) else blocks or ()):
+    for block in blocks:
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
     return model

@@ -40,13 +40,15 @@ def _apply(model: nn.Module, spec: ModelSpec, plan: Plan, env: ParallelEnv, comp
     sharded = False
     if plan.tp > 1:
         sharded = apply_tensor_parallel(model, env.mesh["tp"], spec.tp_plan or {}, spec.sp_plan, plan.sp)  # type: ignore[index]
-    blocks = spec.blocks_of(model) if spec.blocks is not None else None
-    if blocks is not None:
+    units: list[nn.Module] = []
+    if spec.blocks is not None:
+        blocks = spec.blocks_of(model)
         apply_recompute(blocks, plan.recompute)
+        units = list(blocks.values() if isinstance(blocks, nn.ModuleDict) else blocks)
     if compile:
-        for block in (blocks.values() if isinstance(blocks, nn.ModuleDict) else blocks) if blocks is not None else [model]:
-            block.compile()
-    return apply_data_parallel(model, blocks, plan, env), sharded
+        for unit in units or [model]:
+            unit.compile()
+    return apply_data_parallel(model, units, plan, env), sharded
 
 
 def build_parallel(spec: ModelSpec, plan: Plan, env: ParallelEnv, seed: int, compile: bool = False) -> ParallelModel:

@@ -96,8 +96,8 @@ class Trainer:
         self.items_per_step = t.global_batch * (self.seq_len or 1)  # tokens, or samples
         self.flops_per_item = self._flops_per_item()
         self.hardware = cluster(cfg.parallel.hardware) if cfg.parallel.hardware else None
-        peak = self.hardware.device.peak_tflops.get(self.precision) if self.hardware is not None else None
-        self.peak_tflops = peak if peak else None
+        self.peak_tflops = (self.hardware.device.peak_tflops.get(self.precision) or None) if self.hardware else None
+        self.num_params = spec.num_params()
         self.prediction, why_not = (predict.predict(cfg, spec, plan, self.hardware, self.device.type,
                                                     env.local_world_size) if env.is_main else (None, ""))
         if env.is_main and self.prediction is None:
@@ -151,10 +151,9 @@ class Trainer:
         t, env = self.cfg.train, self.env
         progress = TrainProgress(t.steps, self.step, enabled=env.is_main, unit="tok" if self.seq_len else "samples")
         metrics = MetricsFile(self.run_dir / "metrics.jsonl", self.step) if env.is_main else None
-        size = self.spec.num_params()
         shape = f"{t.global_batch} x {t.seq_len} tokens/step" if self.seq_len else f"{t.global_batch} samples/step"
         progress.print(
-            f"[bold]zhilu[/] {self.spec.name} ({size / 1e6:.1f}M params) plan {self.plan.describe()} on "
+            f"[bold]zhilu[/] {self.spec.name} ({self.num_params / 1e6:.1f}M params) plan {self.plan.describe()} on "
             f"{env.world_size} x {self.device.type}, {shape}" + (f", resumed at step {self.step}" if self.step else "")
         )
         if self.prediction is not None:
@@ -216,7 +215,7 @@ class Trainer:
             "world_size": self.env.world_size,
             "device": self.device.type,
             "model": self.spec.name,
-            "params": self.spec.num_params(),
+            "params": self.num_params,
             "steps": t.steps,
             "seq_len": self.seq_len,
             "global_batch": t.global_batch,
@@ -263,10 +262,10 @@ class Trainer:
         spec = self.spec
         if self.data.prompt is None or self.data.decode is None:
             return None
-        if spec.num_params() > SAMPLE_MAX_PARAMS:
+        if self.num_params > SAMPLE_MAX_PARAMS:
             return None
         model = spec.create(self.device)
-        load_model(self.checkpointer.latest(), model, no_dist=True)
+        load_model(self.checkpointer.latest(), model, no_dist=True, hashed=True)
         generator = torch.Generator(self.device).manual_seed(self.cfg.train.seed)
         model.eval()
         with self.autocast:
