@@ -64,6 +64,11 @@ class TrainSection:
     eval_every: int = setting(100, "steps between validation passes; 0: only at the end")
     eval_batches: int = setting(8, "global batches per validation pass")
     sample_tokens: int = setting(160, "tokens of the sample generated at the end (language models); 0: none")
+    skip_batches: str = setting("", "batches never trained on, by index, e.g. 120,300-310 (known-bad data); "
+                                    "the step count does not advance for them")
+    on_bad_step: str = setting("skip", "a NaN or inf loss or gradient norm on any rank: skip (drop the update), "
+                                       "rollback (to the last checkpoint, skipping the bad batches) or abort")
+    bad_steps_in_a_row: int = setting(5, "bad steps in a row after which skip aborts and rollback rolls back")
 
 
 @dataclass
@@ -81,14 +86,18 @@ class LaunchSection:
     nproc: int = setting(0, "local processes; 0: one per GPU on CUDA, on CPU dp x tp x pp of the plan (else 1)")
     device: str = setting("auto", "auto, cpu or cuda")
     port: int = setting(0, "rendezvous port of the local processes; 0: a free one")
-    max_restarts: int = setting(0, "restart the job from its latest checkpoint after a crash, up to this many times")
+    max_restarts: int = setting(0, "restart the job from its newest good checkpoint after a crash or a hang, up to "
+                                   "this many times")
+    hang_timeout: float = setting(0.0, "seconds a rank may make no progress before the job counts as hung; 0: "
+                                       "max(5 x the median step, 60 s), and 600 s before the first step and in saves")
 
 
 @dataclass
 class CheckpointSection:
     every: int = setting(0, "save every N steps (and always at the end); 0: only at the end")
     keep: int = setting(3, "keep the newest K checkpoints; 0: all")
-    resume: bool = setting(False, "continue from RUN_DIR/checkpoints/latest")
+    resume: bool = setting(False, "continue from the newest good checkpoint of the run directory")
+    async_: bool = setting(False, "write checkpoints in the background while training goes on")
 
 
 @dataclass
@@ -107,7 +116,8 @@ class JobConfig:
     run: RunSection = field(default_factory=RunSection)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return dataclasses.asdict(self)
+        return {section: {_key(f): getattr(getattr(self, section), f.name) for f in dataclasses.fields(getattr(self, section))}
+                for section in _fields(self)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JobConfig:
@@ -164,6 +174,31 @@ class JobConfig:
         _at_least("launch.max_restarts", self.launch.max_restarts, 0)
         _at_least("checkpoint.every", self.checkpoint.every, 0)
         _at_least("checkpoint.keep", self.checkpoint.keep, 0)
+        if t.on_bad_step not in BAD_STEP_POLICIES:
+            raise ZhiluError("train.on_bad_step", f"unknown policy {t.on_bad_step!r}; valid: {', '.join(BAD_STEP_POLICIES)}")
+        _positive("train.bad_steps_in_a_row", t.bad_steps_in_a_row)
+        batch_indices(t.skip_batches)
+        if not (math.isfinite(self.launch.hang_timeout) and self.launch.hang_timeout >= 0):
+            raise ZhiluError("launch.hang_timeout", f"must be 0 (derived from the step time) or a number of seconds, "
+                                                    f"got {self.launch.hang_timeout}")
+
+
+BAD_STEP_POLICIES = ("skip", "rollback", "abort")
+
+
+def batch_indices(text: str) -> frozenset[int]:
+    """``"120,300-310"`` -> the batch indices it names (``train.skip_batches``)."""
+    out: set[int] = set()
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        low, _, high = item.partition("-")
+        try:
+            a, b = int(low), int(high or low)
+        except ValueError:
+            a, b = -1, -1
+        if not 0 <= a <= b:
+            raise ZhiluError("train.skip_batches", f"{item!r} is not a batch index or range; valid: e.g. 120,300-310")
+        out.update(range(a, b + 1))
+    return frozenset(out)
 
 
 def load_config(path: str | None = None, overrides: list[tuple[str, str]] = ()) -> JobConfig:
@@ -187,7 +222,7 @@ def load_config(path: str | None = None, overrides: list[tuple[str, str]] = ()) 
 def settings_help() -> list[tuple[str, str, Any]]:
     """Every ``section.key`` with its meaning and default, in declaration order."""
     cfg = JobConfig()
-    return [(f"{section}.{f.name}", f.metadata.get("help", ""), f.default)
+    return [(f"{section}.{_key(f)}", f.metadata.get("help", ""), f.default)
             for section in _fields(cfg) for f in dataclasses.fields(getattr(cfg, section))]
 
 
@@ -198,7 +233,12 @@ def dump_toml(cfg: JobConfig) -> str:
 
 
 def _fields(section: Any) -> list[str]:
-    return [f.name for f in dataclasses.fields(section)]
+    return [_key(f) for f in dataclasses.fields(section)]
+
+
+def _key(f: dataclasses.Field) -> str:
+    """A setting's key: its field name, less the underscore that lets a Python keyword (async) be one."""
+    return f.name.rstrip("_")
 
 
 def _section(cfg: JobConfig, name: str) -> Any:
@@ -211,7 +251,11 @@ def _field_type(section: Any, section_name: str, key: str) -> type:
     if key not in _fields(section):
         raise ZhiluError(f"{section_name}.{key}", f"unknown key; valid in [{section_name}]: {', '.join(_fields(section))}")
     hints = typing.get_type_hints(type(section))
-    return hints[key]
+    return hints[_attr(section, key)]
+
+
+def _attr(section: Any, key: str) -> str:
+    return next(f.name for f in dataclasses.fields(section) if _key(f) == key)
 
 
 def _set(section: Any, section_name: str, key: str, value: Any) -> None:
@@ -221,7 +265,7 @@ def _set(section: Any, section_name: str, key: str, value: Any) -> None:
         value, ok = float(value), True
     if not ok:
         raise ZhiluError(f"{section_name}.{key}", f"must be {_type_name(expected)}, got {value!r}")
-    setattr(section, key, value)
+    setattr(section, _attr(section, key), value)
 
 
 def _parse_text(section: str, key: str, expected: type, text: str) -> Any:
