@@ -19,7 +19,7 @@ train: $(VENV)/.installed
 	$(BIN)/zhilu train
 
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -14,7 +14,6 @@ import json
 import os
 import pickle
 import shutil
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -48,7 +47,7 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
     opt = _optimizer(model)
     model(torch.zeros(2, 8, dtype=torch.long)).float().sum().backward()
     opt.step()
-    Checkpointer(run, keep=3, is_main=True).save(2, [model], [opt], {"step": 2, "loader": {}})
+    Checkpointer(run, keep=3).save(2, [model], [opt], {"step": 2, "loader": {}})
     return run
 
 
@@ -84,6 +83,7 @@ def _rewrite_metadata(ckpt: Path, change) -> None:
     (ckpt / ".metadata").write_bytes(data)
     manifest = json.loads((ckpt / "manifest.json").read_text())
     manifest["files"][".metadata"] = hashlib.sha256(data).hexdigest()
+    manifest["sizes"][".metadata"] = len(data)
     (ckpt / "manifest.json").write_text(json.dumps(manifest))
 
 
@@ -111,7 +111,7 @@ def test_every_load_refuses_a_crafted_metadata(forbidden: str, run: Path, tmp_pa
     model = _model(seed=2)
     loads = {
         "verify": lambda: verify(ckpt),
-        "Checkpointer.load": lambda: Checkpointer(run, 3, True).load(ckpt, [model], [_optimizer(model)]),
+        "Checkpointer.load": lambda: Checkpointer(run, 3).load(ckpt, [model], [_optimizer(model)]),
         "load_model": lambda: load_model(ckpt, model),
     }
     for what, load in loads.items():
@@ -154,7 +154,7 @@ def test_metadata_may_name_only_the_checkpoints_own_files(run: Path) -> None:
 def test_an_intact_checkpoint_loads_in_process(run: Path) -> None:
     ckpt = latest_checkpoint(run)
     model = _model(seed=2)
-    state = Checkpointer(run, 3, True).load(ckpt, [model], [_optimizer(model)])
+    state = Checkpointer(run, 3).load(ckpt, [model], [_optimizer(model)])
     assert state["step"] == 2
     reference = _model(seed=3)
     load_model(ckpt, reference)
@@ -169,9 +169,8 @@ def test_every_load_refuses_a_damaged_file(run: Path) -> None:
     data[len(data) // 2] ^= 0xFF
     (ckpt / "__0_0.distcp").write_bytes(bytes(data))
     model = _model()
-    for load in (lambda: Checkpointer(run, 3, True).load(ckpt, [model], [_optimizer(model)]),
-                 lambda: load_model(ckpt, model)):
-        with pytest.raises(ZhiluError, match=rf"{ckpt} is damaged \(__0_0.distcp changed"):
+    for load in (lambda: Checkpointer(run, 3).newest_good(print), lambda: load_model(ckpt, model)):
+        with pytest.raises(ZhiluError, match=r"step-00000002 is damaged \(__0_0.distcp changed"):
             load()
 
 
@@ -185,45 +184,6 @@ def test_resume_of_a_crafted_checkpoint_exits_2_and_runs_nothing(tmp_path: Path)
     assert len(errors) == 1 and "checkpoint.resume" in errors[0] and "system" in errors[0], result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert not marker.exists()
-
-
-# Damages checkpoint step ZHILU_TEST_DAMAGE_STEP right after it is saved, on the first attempt
-# only: the state a crash leaves when a file went bad between the save and the restart.
-DAMAGE_HOOK = """
-import os
-if os.environ.get("ZHILU_TEST_DAMAGE_STEP"):
-    from zhilu.training import checkpoint
-
-    _save = checkpoint.Checkpointer.save
-
-    def save(self, step, *args, **kwargs):
-        path = _save(self, step, *args, **kwargs)
-        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-        if self.is_main and first_attempt and step == int(os.environ["ZHILU_TEST_DAMAGE_STEP"]):
-            f = path / "__0_0.distcp"
-            data = bytearray(f.read_bytes())
-            data[len(data) // 2] ^= 0xFF
-            f.write_bytes(bytes(data))
-        return path
-
-    checkpoint.Checkpointer.save = save
-"""
-
-
-def test_a_restart_refuses_a_checkpoint_damaged_before_the_crash(tmp_path: Path) -> None:
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(textwrap.dedent(DAMAGE_HOOK))
-    out = tmp_path / "run"
-    pythonpath = os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH")) if p)
-    result = zhilu("train", *MICRO, *STEPS, "--out", str(out), "--checkpoint-every", "3", "--max-restarts", "1",
-                   env={"ZHILU_FAIL_AT_STEP": "5", "ZHILU_TEST_DAMAGE_STEP": "3", "PYTHONPATH": pythonpath})
-    assert "simulated crash" in result.stderr  # the first attempt did crash after the damaged save
-    assert result.returncode == 1, result.stderr[-3000:]
-    ckpt = out / "checkpoints" / "step-00000003"
-    assert f"checkpoint.resume: {ckpt} is damaged (__0_0.distcp changed" in result.stderr, result.stderr[-3000:]
-    assert not (out / "summary.json").exists()
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 5  # steps 1-5, nothing after the restart
 
 
 def _outside(run: Path, tmp_path: Path) -> Path:
@@ -249,16 +209,6 @@ def test_latest_must_name_a_checkpoint_of_the_run(pointer: str | bytes, run: Pat
         latest_checkpoint(run, strict=True)
     assert e.value.field == "checkpoint.resume"
     assert str(root / "latest") in e.value.message and "valid:" in e.value.message and "step-00000002" in e.value.message
-
-
-def test_resume_refuses_latest_pointing_outside(run: Path, tmp_path: Path) -> None:
-    _outside(run, tmp_path)
-    (run / "checkpoints" / "latest").write_text("../../outside\n")
-    result = zhilu("train", *MICRO, *STEPS, "--out", str(run), "--resume")
-    assert result.returncode == 2, result.stderr[-3000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "checkpoint.resume" in errors[0] and "../../outside" in errors[0], result.stderr
-    assert "Traceback" not in result.stderr
 
 
 def test_a_valid_latest_is_followed(run: Path) -> None:

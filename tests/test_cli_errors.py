@@ -3,6 +3,7 @@ traceback, and nothing written."""
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
@@ -44,6 +45,8 @@ CASES = {
     "model averaging with zero": (["--nproc", "2", "--plan", "dp=2,zero=3,avg_every=2"], "parallel.plan"),
     "unknown hardware": (["--parallel.hardware", "tpu-v9"], "parallel.hardware"),
     "hardware file missing": (["--parallel.hardware", "/nonexistent/hw.toml"], "parallel.hardware"),
+    "negative seed": (["--seed", "-1"], "train.seed"),  # numpy's default_rng refuses it in every rank
+    "seed past torch's generators": (["--seed", "99999999999999999999"], "train.seed"),
 }
 
 
@@ -93,3 +96,42 @@ def test_existing_run_is_not_overwritten(tmp_path: Path) -> None:
 
 def test_unknown_command() -> None:
     assert_one_line_error(zhilu("trian"), "command")
+
+
+def test_data_that_is_not_a_regular_file_is_refused(tmp_path: Path) -> None:
+    fifo = tmp_path / "corpus.txt"
+    os.mkfifo(fifo)  # reading it would wait forever for a writer
+    result = zhilu("train", "--data", str(fifo), "--out", str(tmp_path / "run"))
+    assert_one_line_error(result, "data.path")
+    assert "not a regular file" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_data_folder_reads_only_its_regular_files(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("tiny corpus " * 200)
+    os.mkfifo(corpus / "b.txt")
+    result = zhilu("train", "--dry-run", "--data", str(corpus), "--seq-len", "32", "--out", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr
+    assert f"folder {corpus} (1 files" in result.stdout
+
+
+def test_a_directory_as_the_config_file_is_named_a_directory(tmp_path: Path) -> None:
+    result = zhilu("train", str(tmp_path))
+    assert_one_line_error(result, "config")
+    assert "is a directory" in result.stderr
+
+
+@pytest.mark.parametrize("where", ["a directory", "a directory named .toml", "under a file", "unwritable"])
+def test_calibrate_refuses_an_unusable_out_before_measuring(where: str, tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("data")
+    (tmp_path / "hw.toml").mkdir()
+    out = {"a directory": tmp_path, "a directory named .toml": tmp_path / "hw.toml",
+           "under a file": afile / "hw.toml", "unwritable": Path("/sys/hw.toml")}[where]
+    result = zhilu("calibrate", "--out", str(out))
+    assert_one_line_error(result, "out")
+    assert "calibrating" not in result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "hw.toml"]
+    assert not list((tmp_path / "hw.toml").iterdir())  # nothing measured or written

@@ -161,7 +161,7 @@ def test_resume_continues_exactly_where_the_saved_loader_was() -> None:
     for _ in range(5):
         original.next_batch()
     state = original.state_dict()
-    assert state == {"batches_drawn": 5}
+    assert state == {"batches_drawn": 5, "skip": []}
     resumed = ShardedLoader(TOKENS, 16, 8, 1, 2, seed=3)
     resumed.load_state_dict(state)
     for _ in range(3):

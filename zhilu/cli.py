@@ -10,6 +10,7 @@ Exit codes: 0 success, 2 the input is wrong (one ``error:`` line on stderr), 1 a
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from zhilu.errors import ZhiluError
@@ -29,7 +30,8 @@ TRAIN_FLAGS: dict[str, tuple[str, str]] = {
     "--seed": ("train.seed", "random seed (default 0)"),
     "--out": ("run.out", "run directory (default: runs/<model>-<time>)"),
     "--checkpoint-every": ("checkpoint.every", "save a checkpoint every N steps (always at the end)"),
-    "--max-restarts": ("launch.max_restarts", "restart after a crash up to K times, from the latest checkpoint"),
+    "--max-restarts": ("launch.max_restarts", "restart after a crash or a hang up to K times, from the newest good "
+                       "checkpoint"),
     "--device": ("launch.device", "auto, cpu or cuda"),
 }
 
@@ -57,7 +59,8 @@ def _train_parser() -> argparse.ArgumentParser:
     for flag, (key, help_text) in TRAIN_FLAGS.items():
         p.add_argument(flag, dest=key, metavar=key.split(".")[1].upper(), help=help_text)
     p.add_argument("--resume", dest="checkpoint.resume", action="store_const", const="true",
-                   help="continue from the run directory's latest checkpoint")
+                   help="continue the run in --out (its config.toml, overridden by the flags given) from its newest "
+                   "good checkpoint")
     p.add_argument("--compile", dest="model.compile", action="store_const", const="true", help="torch.compile each block")
     p.add_argument("--dry-run", action="store_true", help="check everything, print the resolved configuration, the "
                    "data and the prediction, and stop before anything starts")
@@ -88,7 +91,7 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]
 
 def train(argv: list[str]) -> int:
     from zhilu.config import load_config
-    from zhilu.launch.local import TrainingFailed
+    from zhilu.launch.local import Interrupted, TrainingFailed
     from zhilu.launch.prepare import dry_run, launch, prepare
 
     rest, overrides = _split_overrides(argv)
@@ -96,14 +99,32 @@ def train(argv: list[str]) -> int:
     config_path, only_check = args.pop("config"), args.pop("dry_run")
     flags = [(key, value) for key, value in args.items() if value is not None]
     cfg = load_config(config_path, flags + overrides)
+    changes: list[str] = []
+    if cfg.checkpoint.resume:  # the same run: its own config.toml, then CONFIG.toml and the flags over it
+        from zhilu.launch.run_dir import resumed
+
+        cfg, changes = resumed(cfg, config_path, flags + overrides)
     resolved, plan, spec = prepare(cfg, dry_run=only_check)
+    if int(os.environ.get("RANK", 0)) == 0:
+        for change in changes:
+            print(f"zhilu train: {change}", file=sys.stderr, flush=True)
     if only_check:
         dry_run(resolved, plan, spec)
         return 0
     try:
-        launch(resolved, plan, spec)
+        summary = launch(resolved, plan, spec)
     except TrainingFailed as e:
         print(f"zhilu train: {e}", file=sys.stderr)
+        return 1
+    except Interrupted as e:
+        print(f"zhilu train: stopped by {e}; {resolved.run.out} can be continued with --resume", file=sys.stderr)
+        return 128 + e.signum
+    if summary is not None and summary.get("ended") == "preempted":
+        print(f"zhilu train: pre-empted; a checkpoint of step {summary['last_step']} is saved; continue with --resume",
+              file=sys.stderr)
+    if summary is not None and summary.get("ended") == "aborted":
+        print(f"zhilu train: aborted at {summary['error']}; the last good state is saved in {resolved.run.out}",
+              file=sys.stderr)
         return 1
     return 0
 

@@ -85,11 +85,13 @@ class ParallelSection:
 class LaunchSection:
     nproc: int = setting(0, "local processes; 0: one per GPU on CUDA, on CPU dp x tp x pp of the plan (else 1)")
     device: str = setting("auto", "auto, cpu or cuda")
-    port: int = setting(0, "rendezvous port of the local processes; 0: a free one")
+    port: int = setting(0, "port the store of the local processes listens on (127.0.0.1); 0: a free one")
     max_restarts: int = setting(0, "restart the job from its newest good checkpoint after a crash or a hang, up to "
                                    "this many times")
     hang_timeout: float = setting(0.0, "seconds a rank may make no progress before the job counts as hung; 0: "
                                        "max(5 x the median step, 60 s), and 600 s before the first step and in saves")
+    check_memory: bool = setting(True, "refuse a job predicted not to fit in this machine's free memory (CPU RAM "
+                                       "or each GPU's), before it starts")
 
 
 @dataclass
@@ -150,6 +152,10 @@ class JobConfig:
         _at_least("train.eval_every", t.eval_every, 0)
         _positive("train.eval_batches", t.eval_batches)
         _at_least("train.sample_tokens", t.sample_tokens, 0)
+        if not 0 <= t.seed <= SEED_MAX:
+            raise ZhiluError("train.seed", f"must be 0 or more (numpy's default_rng takes no negative seed) and at "
+                                           f"most {SEED_MAX} (torch's generators take seed x {MODULE_SEED_STRIDE} + "
+                                           f"a module's crc32, below 2**64), got {t.seed}")
         _at_least("train.grad_clip", t.grad_clip, 0)
         _at_least("train.weight_decay", t.weight_decay, 0)
         for name in ("lr", "min_lr", "weight_decay", "grad_clip", "beta1", "beta2"):
@@ -184,6 +190,11 @@ class JobConfig:
 
 
 BAD_STEP_POLICIES = ("skip", "rollback", "abort")
+# A module's weights are drawn from seed * MODULE_SEED_STRIDE + zlib.crc32(its name) (zhilu.spec,
+# zhilu.models.gpt.model, zhilu.models.hf_model); torch.Generator.manual_seed takes at most 2**64 - 1,
+# and crc32 is at most 2**32 - 1.
+MODULE_SEED_STRIDE = 1_000_003
+SEED_MAX = (2**64 - 1 - (2**32 - 1)) // MODULE_SEED_STRIDE
 
 
 def batch_indices(text: str) -> frozenset[int]:
@@ -201,22 +212,37 @@ def batch_indices(text: str) -> frozenset[int]:
     return frozenset(out)
 
 
-def load_config(path: str | None = None, overrides: list[tuple[str, str]] = ()) -> JobConfig:
-    """Read a TOML file (if given), apply ``(dotted_key, text)`` overrides, validate."""
-    cfg = JobConfig()
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ZhiluError("config", f"file {path!r} does not exist; pass a TOML file such as examples/tiny.toml")
-        try:
-            data = tomllib.loads(p.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise ZhiluError("config", f"{path} is not valid TOML: {e}") from None
-        cfg = JobConfig.from_dict(data)
+def load_config(path: str | None = None, overrides: list[tuple[str, str]] = (), base: str | None = None) -> JobConfig:
+    """Read the TOML file ``base`` (a resumed run's own ``config.toml``), then the TOML file ``path``
+    over it key by key, then apply ``(dotted_key, text)`` overrides; validate."""
+    data: dict[str, Any] = {}
+    for source in (base, path):
+        for section, values in (_read_toml(source) if source else {}).items():
+            if isinstance(values, dict) and isinstance(data.get(section), dict):
+                values = {**data[section], **values}
+            data[section] = values
+    cfg = JobConfig.from_dict(data)
     for dotted, text in overrides:
         cfg.override(dotted, text)
     cfg.validate()
     return cfg
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    p = Path(path)
+    valid = "pass a TOML file such as examples/tiny.toml"
+    if p.is_dir():
+        raise ZhiluError("config", f"{path} is a directory; {valid}")
+    if not p.exists():
+        raise ZhiluError("config", f"file {path!r} does not exist; {valid}")
+    if not p.is_file():
+        raise ZhiluError("config", f"{path} is not a regular file (a FIFO, socket or device); {valid}")
+    try:
+        return tomllib.loads(p.read_text())
+    except OSError as e:
+        raise ZhiluError("config", f"cannot read {path} ({e.strerror}); {valid}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ZhiluError("config", f"{path} is not valid TOML: {e}") from None
 
 
 def settings_help() -> list[tuple[str, str, Any]]:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import tempfile
 from pathlib import Path
 
 from zhilu.calibrate.fit import fit
 from zhilu.calibrate.probes import measure
 from zhilu.errors import ZhiluError
+from zhilu.launch.run_dir import unwritable
 from zhilu.perf.device import Cluster
 from zhilu.perf.hardware_file import calibrated_path, save
 from zhilu.plan import device_precision
@@ -36,13 +36,11 @@ def run(args: argparse.Namespace) -> int:
         valid = f"1-{gpus}" if device == "cuda" else "a positive integer"
         raise ZhiluError("nproc", f"{nproc} processes; valid: {valid}")
     out = Path(args.out) if args.out else calibrated_path(device, nproc)
+    problem = unwritable(out, directory=False)  # found out before measuring, not after; nothing is created
+    if problem:
+        raise ZhiluError("out", f"{problem}; valid: a .toml file path that can be written")
     if out.suffix != ".toml":
         raise ZhiluError("out", f"{out} must end in .toml")
-    try:  # a file can be written there: found out before measuring, not after
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out.parent).close()
-    except OSError as e:
-        raise ZhiluError("out", f"cannot write in {out.parent} ({e.strerror}); give another --out") from None
     print(f"calibrating {nproc} x {device} process{'es' * (nproc > 1)} (about half a minute)", flush=True)
     c = calibrate(device, nproc)
     save(c, out)

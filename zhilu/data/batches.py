@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
-from zhilu.config import JobConfig
+from zhilu.config import JobConfig, batch_indices
 from zhilu.data.corpus import load_corpus
 from zhilu.data.loader import ShardedLoader, eval_batches
 from zhilu.data.samples import SampleLoader, sample_eval_batches
@@ -19,9 +19,11 @@ from zhilu.spec import ModelSpec
 class Loader(Protocol):
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]: ...
 
-    def state_dict(self) -> dict[str, int]: ...
+    index: int  # of the batch last returned, over the whole run
 
-    def load_state_dict(self, state: dict[str, int]) -> None: ...
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 @dataclass
@@ -43,7 +45,7 @@ def training_data(cfg: JobConfig, spec: ModelSpec, dp_rank: int, dp_size: int) -
     t = cfg.train
     if spec.dataset is not None:
         (x, y), (x_val, y_val) = spec.dataset(t.seed)
-        loader = SampleLoader(x, y, t.global_batch, dp_rank, dp_size, t.seed)
+        loader = SampleLoader(x, y, t.global_batch, dp_rank, dp_size, t.seed, batch_indices(t.skip_batches))
         val = sample_eval_batches(x_val, y_val, t.eval_batches, t.global_batch, dp_rank, dp_size, t.seed)
         text = f"{spec.name}'s own dataset: {len(x):,} training and {len(x_val):,} validation samples"
         return TrainingData(loader, val, None, None, text)
@@ -56,7 +58,8 @@ def training_data(cfg: JobConfig, spec: ModelSpec, dp_rank: int, dp_size: int) -
         if len(tokens) <= t.seq_len:
             raise ZhiluError("train.seq_len", f"{t.seq_len} is longer than the {split} data ({len(tokens)} tokens); "
                                               f"valid: at most {len(tokens) - 1}, or more data")
-    loader = ShardedLoader(corpus.train, t.seq_len, t.global_batch, dp_rank, dp_size, t.seed)
+    loader = ShardedLoader(corpus.train, t.seq_len, t.global_batch, dp_rank, dp_size, t.seed,
+                           batch_indices(t.skip_batches))
     val = eval_batches(corpus.val, t.seq_len, t.eval_batches, t.global_batch, dp_rank, dp_size, seed=t.seed)
     prompt = torch.tensor(corpus.val[:16].astype("int64"))[None]
     if spec.tokenizer is not None:

@@ -45,9 +45,10 @@ def load_corpus(path: str | None, val_fraction: float = 0.05, tokenizer: Tokeniz
 
     - the standard library: its ``.py`` files, without site-packages/dist-packages and any
       folder named ``test``, ``tests`` or ``idle_test``; split by file.
-    - a folder: its regular files, recursively, skipping hidden names and files holding a NUL
-      byte (not text); a folder holding ``train.bin`` is read as that token file. Split by
-      file when files land on both sides, else by bytes like a single file.
+    - a folder: its regular files (no FIFO, socket or device), recursively, skipping hidden
+      names and files holding a NUL byte (not text); a folder holding ``train.bin`` is read as
+      that token file. Split by file when files land on both sides, else by bytes like a single file.
+    - anything else that is not a regular file (a FIFO, a device) is refused: it may never end.
     - a ``.bin`` file: nanoGPT-style uint16 tokens, memory-mapped; a ``train.bin`` with a
       ``val.bin`` beside it takes that as validation, anything else is split by position.
     - any other file: its bytes; the first ``1 - val_fraction`` train, the rest validate.
@@ -75,9 +76,11 @@ def _load(path: str | None, val_fraction: float) -> Corpus:
         if (p / "train.bin").is_file():
             return _bin_corpus(p / "train.bin", val_fraction)
         return _folder_corpus(p, val_fraction)
+    if not p.is_file():  # a FIFO or a device would be read forever
+        raise ZhiluError(FIELD, f"{path} is not a regular file or a folder (a FIFO, socket or device); give {VALID}")
     if p.suffix == ".bin":
         return _bin_corpus(p, val_fraction)
-    data = p.read_bytes()
+    data = _read(p)
     if not data:
         raise ZhiluError(FIELD, f"{path} is empty; give {VALID}")
     train, val = _split_bytes(data, val_fraction)
@@ -105,9 +108,9 @@ def _folder_corpus(root: Path, val_fraction: float) -> Corpus:
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         for name in names:
             full = Path(folder, name)
-            if name.startswith(".") or not full.is_file():
+            if name.startswith(".") or not full.is_file():  # regular files only: no FIFO, socket or device
                 continue
-            data = full.read_bytes()
+            data = _read(full)
             if data and b"\0" not in data:
                 contents[full.relative_to(root).as_posix()] = data
     if not contents:
@@ -115,6 +118,13 @@ def _folder_corpus(root: Path, val_fraction: float) -> Corpus:
     contents = dict(sorted(contents.items()))
     train, val = _split_files(contents, val_fraction)
     return Corpus(train, val, 256, f"folder {root} ({len(contents)} files, {_mb(len(train) + len(val))})")
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise ZhiluError(FIELD, f"cannot read {path} ({e.strerror}); give {VALID} that can be read") from None
 
 
 def _bin_corpus(path: Path, val_fraction: float) -> Corpus:

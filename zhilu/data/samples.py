@@ -11,34 +11,31 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from zhilu.data.loader import BatchStream
 from zhilu.errors import ZhiluError
 
 
-class SampleLoader:
+class SampleLoader(BatchStream):
     """Endless stream of (inputs, targets) of ``global_batch // dp_size`` samples for one rank."""
 
     def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, global_batch: int, dp_rank: int, dp_size: int,
-                 seed: int) -> None:
+                 seed: int, skip: frozenset[int] = frozenset()) -> None:
+        super().__init__(seed, skip)
         if len(inputs) != len(targets) or len(inputs) == 0:
             raise ZhiluError("model.dataset", f"needs as many targets as inputs, at least one; got {len(inputs)} "
                                               f"inputs and {len(targets)} targets")
         self.inputs, self.targets = inputs, targets
-        self.global_batch, self.seed = global_batch, seed
+        self.global_batch = global_batch
         local = global_batch // dp_size
         self._rows = slice(dp_rank * local, (dp_rank + 1) * local)
-        self.batches_drawn = 0
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, self.batches_drawn])
-        index = torch.from_numpy(rng.integers(0, len(self.inputs), size=self.global_batch)[self._rows])
-        self.batches_drawn += 1
+        index = torch.from_numpy(self.sample_indices(self._next_index())[self._rows])
         return self.inputs[index], self.targets[index]
 
-    def state_dict(self) -> dict[str, int]:
-        return {"batches_drawn": self.batches_drawn}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.batches_drawn = int(state["batches_drawn"])
+    def sample_indices(self, index: int) -> np.ndarray:
+        """The ``global_batch`` samples of batch ``index`` (all ranks)."""
+        return np.random.default_rng([self.seed, index]).integers(0, len(self.inputs), size=self.global_batch)
 
 
 def sample_eval_batches(inputs: torch.Tensor, targets: torch.Tensor, n_batches: int, batch_size: int, dp_rank: int,

@@ -1,48 +1,98 @@
 """Local processes under torch elastic (the engine under torchrun).
 
-``run_local`` starts N processes with the spawn start method, a c10d rendezvous on
-127.0.0.1 and restarts after a crash up to ``max_restarts``; under ``torchrun`` this process
-is already one of torchrun's ranks (:func:`under_torchrun`).
+``run_local`` starts N processes (spawned) for one attempt of a job: they
+meet through a rendezvous file in a private temporary folder (no TCP store of the launcher
+listens anywhere) and rank 0's store listens on 127.0.0.1 only
+(:func:`zhilu.parallel.mesh.join_group`). Restarts are :mod:`zhilu.launch.supervise`'s; under
+``torchrun`` this process is already one of torchrun's ranks (:func:`under_torchrun`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
+import tempfile
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
+
+
+STORE_PORT = "ZHILU_STORE_PORT"  # read by zhilu.parallel.mesh in the workers
 
 
 class TrainingFailed(Exception):
     """A rank crashed and no restarts were left (exit code 1)."""
 
 
+@dataclass
+class WorkerFailed(Exception):
+    """A worker of one attempt ended badly: which rank, its exit code, and the signal that killed it."""
+
+    rank: int
+    exitcode: int
+    signal: str  # e.g. SIGKILL; empty when the process exited by itself
+
+    def __str__(self) -> str:
+        how = f"was killed by {self.signal}" if self.signal else f"exited with code {self.exitcode}"
+        return f"rank {self.rank} {how}"
+
+
+class Interrupted(Exception):
+    """The launcher was sent SIGTERM, SIGINT, SIGHUP or SIGQUIT; the workers are stopped."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(signal.Signals(signum).name)
+
+
 def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ and "RANK" in os.environ
 
 
-def run_local(fn: Callable[..., Any], args: tuple, nproc: int, port: int = 0, max_restarts: int = 0) -> dict[int, Any]:
-    """Run ``fn(*args)`` in ``nproc`` local processes under torch elastic; their return values by rank."""
+def run_local(fn: Callable[..., Any], args: tuple, nproc: int, port: int = 0) -> dict[int, Any]:
+    """Run ``fn(*args)`` in ``nproc`` local processes once; their return values by rank."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    # Restarted workers must not read the previous attempt's addresses from a store shared
-    # with the rendezvous (pytorch/pytorch#135712): give each attempt its own store.
-    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
-    config = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
-        nproc_per_node=nproc,
-        run_id=uuid.uuid4().hex[:8],
-        rdzv_backend="c10d",
-        rdzv_endpoint=f"127.0.0.1:{port}",
-        local_addr="127.0.0.1",
-        max_restarts=max_restarts,
-        start_method="spawn",
-        monitor_interval=0.2,
-    )
-    try:
-        return elastic_launch(config, fn)(*args)
-    except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
-        raise TrainingFailed(f"rank {rank} failed (exit code {failure.exitcode}); its traceback is above") from None
+    # The workers make their own store (pytorch/pytorch#135712), on the port the agent picks
+    # (MASTER_PORT) or the one given.
+    os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    os.environ["ZHILU_LOCAL_LAUNCH"] = "1"  # rank 0's store on 127.0.0.1 (zhilu.parallel.mesh)
+    # A worker prints its own traceback; the agent's log of the same failure (and of the
+    # workers it then stops) would repeat it as pages of log lines. zhilu says it in one.
+    for name in ("torch.distributed.elastic", "torch.multiprocessing.spawn"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    if port:
+        os.environ[STORE_PORT] = str(port)
+    with tempfile.TemporaryDirectory(prefix="zhilu-rdzv-") as folder:
+        config = LaunchConfig(
+            min_nodes=1,
+            max_nodes=1,
+            nproc_per_node=nproc,
+            run_id=uuid.uuid4().hex[:8],
+            rdzv_backend="c10d",
+            rdzv_endpoint=os.path.join(folder, "rendezvous"),
+            rdzv_configs={"store_type": "file"},
+            local_addr="127.0.0.1",
+            max_restarts=0,
+            start_method="spawn",
+            monitor_interval=0.2,
+        )
+        try:
+            return elastic_launch(config, fn)(*args)
+        except SignalException as e:
+            raise Interrupted(int(e.sigval)) from None
+        except ChildFailedError as e:
+            rank, failure = _first_failure(e)
+            name = failure.signal_name() if failure.exitcode < 0 else ""
+            raise WorkerFailed(rank, failure.exitcode, "" if name == "<N/A>" else name) from None
+
+
+def _first_failure(e: Any) -> tuple[int, Any]:
+    """The failure that came first: killed by a signal before exited with an error (a rank
+    killed -9 brings the others down with errors of their own)."""
+    failures = sorted(e.failures.items(), key=lambda kv: (kv[1].exitcode >= 0, kv[1].timestamp, kv[0]))
+    return failures[0]

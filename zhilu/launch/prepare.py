@@ -2,10 +2,10 @@
 
 Three ways a job runs, one code path per rank (:func:`zhilu.training.trainer.run`):
 
-* one process: in this process, no process group;
-* ``--nproc N``: N local processes started by torch elastic (the engine under torchrun),
-  spawn start method, rendezvous on 127.0.0.1, restarts after a crash up to ``--max-restarts``
-  (:mod:`zhilu.launch.local`);
+* one process without restarts: in this process, no process group;
+* ``--nproc N`` (or restarts): N local processes started by torch elastic (the engine under
+  torchrun), restarted after a crash or a hang up to ``--max-restarts`` times
+  (:mod:`zhilu.launch.supervise`, :mod:`zhilu.launch.local`);
 * under ``torchrun``: this process is already one of torchrun's ranks.
 """
 
@@ -20,7 +20,8 @@ from typing import Any
 
 from zhilu.config import JobConfig, dump_toml
 from zhilu.errors import ZhiluError
-from zhilu.launch.local import run_local, under_torchrun
+from zhilu.launch import fits, run_dir
+from zhilu.launch.local import under_torchrun
 from zhilu.models.registry import spec_of
 from zhilu.plan import Plan
 from zhilu.spec import ModelSpec
@@ -76,6 +77,7 @@ def prepare(cfg: JobConfig, spec: ModelSpec | None = None, dry_run: bool = False
         plan = Plan.parse(cfg.parallel.plan, world)
     plan = plan.resolved(device)
     spec.check_plan(plan)
+    fits.check(cfg, spec, plan, device, nproc, hw_source)  # before the data: a huge batch is refused, not built
     plan.check_batch(cfg.train.global_batch)
     describe(cfg, spec)  # the data exists and fits the model
 
@@ -84,7 +86,9 @@ def prepare(cfg: JobConfig, spec: ModelSpec | None = None, dry_run: bool = False
 
     stem = Path(spec.name).name.replace(":", "-")
     out = Path(cfg.run.out or f"runs/{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
-    _check_run_dir(out, cfg.checkpoint.resume, restarted=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0)
+    rank0 = int(os.environ.get("RANK", 0)) == 0  # under torchrun only global rank 0 locks and writes
+    run_dir.check(out, cfg.checkpoint.resume, int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0, rank0,
+                  cfg.train.steps)
 
     resolved = replace(
         cfg,
@@ -92,8 +96,8 @@ def prepare(cfg: JobConfig, spec: ModelSpec | None = None, dry_run: bool = False
         launch=replace(launch, device=device, nproc=nproc),
         run=replace(cfg.run, out=str(out)),
     )
-    if int(os.environ.get("RANK", 0)) == 0 and not dry_run:
-        out.mkdir(parents=True, exist_ok=True)
+    if rank0 and not dry_run:
+        run_dir.acquire(out)  # held until launch() ends: a second run on `out` is refused
         tmp = out / "config.toml.tmp"
         tmp.write_text(dump_toml(resolved))
         os.replace(tmp, out / "config.toml")
@@ -116,7 +120,7 @@ def dry_run(cfg: JobConfig, plan: Plan, spec: ModelSpec) -> None:
 
 
 def _check_picklable(spec: ModelSpec, nproc: int) -> None:
-    """A spec built in Python travels to the spawned processes by pickle."""
+    """A spec built in Python travels to the worker processes by pickle."""
     import pickle
 
     try:
@@ -184,14 +188,51 @@ def _hardware(name: str, calibrate: bool, device: str, nproc: int) -> str:
 def launch(cfg: JobConfig, plan: Plan, spec: ModelSpec) -> dict[str, Any] | None:
     """Run the prepared job; returns rank 0's summary where this process can see it.
 
+    Several processes, or restarts: zhilu's launcher (:mod:`zhilu.launch.supervise`). One
+    process without restarts runs here; a signal stops it as it would the launcher's workers.
     A spec from ``--model`` is resolved again in each process; one built in Python is pickled to them."""
-    from zhilu.training import trainer
+    from zhilu.launch.supervise import supervise
 
-    n = cfg.launch.nproc
-    if under_torchrun() or (n == 1 and cfg.launch.max_restarts == 0):
+    try:
+        if under_torchrun():
+            from zhilu.training import trainer
+
+            return trainer.run(cfg, plan, spec)
+        if cfg.launch.nproc == 1 and cfg.launch.max_restarts == 0:
+            return _run_here(cfg, plan, spec)
+        return supervise(cfg, plan, spec)
+    finally:
+        run_dir.release(Path(cfg.run.out))
+
+
+def _run_here(cfg: JobConfig, plan: Plan, spec: ModelSpec) -> dict[str, Any] | None:
+    import signal
+
+    from zhilu.launch.local import Interrupted
+    from zhilu.launch.supervise import remove_partial_saves
+    from zhilu.training import trainer
+    from zhilu.training.summary import write_ended
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise Interrupted(signum)
+
+    out = Path(cfg.run.out)
+    handled = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+    previous = {sig: signal.signal(sig, interrupt) for sig in handled}
+    try:
         return trainer.run(cfg, plan, spec)
-    sent = None if spec.source is not None else spec
-    return run_local(trainer.run, (cfg, plan, sent), n, cfg.launch.port, cfg.launch.max_restarts)[0]
+    except (Interrupted, KeyboardInterrupt) as e:
+        remove_partial_saves(out)
+        write_ended(out, "interrupted", f"stopped by {e if isinstance(e, Interrupted) else 'SIGINT'}", [])
+        raise
+    except ZhiluError:
+        raise
+    except Exception as e:
+        write_ended(out, "failed", f"{type(e).__name__}: {e}", [])
+        raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _check_port_free(port: int) -> None:
@@ -200,20 +241,3 @@ def _check_port_free(port: int) -> None:
             s.bind(("127.0.0.1", port))
         except OSError:
             raise ZhiluError("launch.port", f"port {port} is in use; valid: a free port, or 0 to pick one") from None
-
-
-def _check_run_dir(out: Path, resume: bool, restarted: bool) -> None:
-    """A new run needs a fresh directory; a resumed one an intact checkpoint. A run that
-    torchrun restarted continues from its latest checkpoint, or from the start if it has none.
-    Both refuse a ``latest`` that names no checkpoint of ``out``, damaged files and a
-    ``.metadata`` holding more than DCP metadata."""
-    from zhilu.training.checkpoint import latest_checkpoint, verify
-
-    latest = latest_checkpoint(out, strict=resume or restarted)
-    if resume or restarted:
-        if latest is not None:
-            verify(latest)
-        elif resume:
-            raise ZhiluError("checkpoint.resume", f"{out} has no checkpoint to resume from; run without --resume")
-    elif (out / "metrics.jsonl").exists() or (out / "checkpoints").exists():
-        raise ZhiluError("run.out", f"{out} already holds a run; pass --resume to continue it, or choose another --out")

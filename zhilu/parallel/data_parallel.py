@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -59,6 +59,22 @@ def apply_data_parallel(model: nn.Module, blocks: list[nn.Module], plan: Plan, e
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
     return model
+
+
+def settle_buckets(model: nn.Module, backward: Callable[[], None]) -> None:
+    """Give a DDP model that resumes mid-run the gradient buckets the uninterrupted run had.
+
+    DDP puts every gradient in one bucket for the first backward of a process, then lays its
+    buckets out in the order gradients became ready. A gradient's place in its bucket decides
+    the order in which the all-reduce adds the ranks' values, so with more than two ranks a
+    resumed process's first step would round differently. ``backward`` (a forward and
+    backward whose gradients are then dropped) lets DDP lay the buckets out first."""
+    if not isinstance(model, DistributedDataParallel):
+        return
+    rng = torch.get_rng_state()
+    backward()
+    model.zero_grad(set_to_none=True)
+    torch.set_rng_state(rng)
 
 
 @contextlib.contextmanager

@@ -1,48 +1,35 @@
-"""Sharded, atomic checkpoints through torch.distributed.checkpoint (DCP).
+"""Sharded, atomic, verified checkpoints through torch.distributed.checkpoint (DCP).
 
 Layout under ``RUN_DIR/checkpoints/``::
 
     step-00000100/        DCP files (each rank writes its shards) + manifest.json
     latest                name of the newest complete checkpoint (``step-NNNNNNNN``, nothing else)
 
-A checkpoint is written into ``.step-NNNNNNNN.tmp`` and renamed only after every rank has
-finished and rank 0 has recorded each file's SHA-256 in the manifest, so a crash mid-save
-never leaves a directory that looks complete. Only tensors go into DCP; the trainer's
-position (step, data loader) lives in the manifest as JSON. DCP reshards on load, so a run
-can resume on a different number of processes.
+A save, synchronous or in the background (``checkpoint.async``):
 
-Loading never runs code from a checkpoint. Every load first checks each file against the
-manifest's SHA-256 (which catches damage, not tampering: whoever can write the files can
-rewrite the manifest), then reads through :class:`CheckpointReader`:
+1. every rank writes its shards into ``.step-NNNNNNNN.tmp`` (DCP fsyncs each file);
+2. rank 0 fsyncs the folder and writes ``manifest.json`` last: each file's size and SHA-256,
+   the trainer's position (step, data loader, bad steps), plan, world size, versions;
+3. the folder is renamed into place, and only then ``latest`` is moved (both fsynced);
+4. the newest ``checkpoint.keep`` complete checkpoints are kept, never the one ``latest`` names.
 
-* ``.metadata`` is a pickle, which DCP's ``FileSystemReader`` reads with plain
-  ``pickle.load``. Here it goes through :class:`_MetadataUnpickler`, which resolves only the
-  globals in :data:`_ALLOWED` (DCP's metadata dataclasses, ``_StorageInfo``, ``torch.Size``,
-  torch dtypes and layouts, ``pathlib.PosixPath``: what ``pickletools.dis`` shows in the
-  ``.metadata`` of every plan zhilu writes) and refuses any other, so the metadata can only
-  be built of those objects. It must describe tensors only, stored in files the manifest lists.
-* Tensor data (``__R_N.distcp``) are read by DCP with ``torch.load(weights_only=True)``:
-  torch's own restricted unpickler, which builds tensors and plain containers only.
-* DCP's "bytes" items would be read with ``torch.load(weights_only=False)``, an
-  unrestricted unpickle. zhilu never saves them: ``BytesStorageMetadata`` is not on the
-  allow-list and :meth:`CheckpointReader.read_data` refuses any bytes item.
-
-So the only objects unpickled from a checkpoint are allow-listed metadata objects and the
-tensors torch's weights-only loader builds. (With a process group DCP also exchanges its
-plans and the parsed metadata between ranks as pickles; those come from zhilu's own
-processes, not from the checkpoint.)
+A crash at any point leaves ``latest`` on the previous complete checkpoint. What is saved:
+model and optimizer tensors keyed by the whole model's parameter names (DCP reshards, so any
+layout loads them) and every rank's RNG states; the rest is JSON in the manifest. Loading
+checks the manifest and checksums first (each rank hashes its share), falls back to the
+newest good checkpoint, and never runs code from the files (:mod:`zhilu.training.dcp_reader`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import os
-import pickle
-import re
 import shutil
+import threading
 import warnings
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -50,10 +37,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.filesystem import _StorageInfo
-from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta, TensorStorageMetadata
-from torch.distributed.checkpoint.planner import LoadItemType
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -62,149 +47,183 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from zhilu.errors import ZhiluError
+from zhilu.training import faults as fault_injection
+from zhilu.training.checkpoint_files import (
+    Unusable,
+    candidates,
+    changed_files,
+    fsync_dir,
+    latest_checkpoint,
+    name_of,
+    read_manifest,
+    refuse_none_good,
+    sha256,
+    verify,
+    write_atomic,
+)
+from zhilu.training.dcp_reader import CheckpointReader
+
+__all__ = ["Checkpointer", "CheckpointReader", "latest_checkpoint", "load_model", "params_sha256", "verify"]
 
 _OPTIM = StateDictOptions(flatten_optimizer_state_dict=True)
 # DCP warns when it runs without a process group; one process is a supported case here.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
-_FIELD = "checkpoint.resume"
-_NAME = re.compile(r"step-[0-9]{8,}")  # what save() names a checkpoint (f"step-{step:08d}")
-_DCP_MD = "torch.distributed.checkpoint.metadata"
-# Every global a DCP .metadata of zhilu refers to (pickletools.dis of checkpoints saved with
-# dp, zero=3, tp and pp plans), plus pathlib's 3.13 module name. Torch dtypes are allowed by
-# type below. Nothing here runs code: dataclasses, torch.Size, an enum, a path, and
-# torch.serialization._get_layout (which looks a torch.layout up by its name).
-_ALLOWED = {
-    (_DCP_MD, "Metadata"), (_DCP_MD, "TensorStorageMetadata"), (_DCP_MD, "TensorProperties"),
-    (_DCP_MD, "ChunkStorageMetadata"), (_DCP_MD, "MetadataIndex"), (_DCP_MD, "StorageMeta"),
-    (_DCP_MD, "_MEM_FORMAT_ENCODING"), ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch", "Size"), ("torch.serialization", "_get_layout"),
-    ("pathlib", "PosixPath"), ("pathlib._local", "PosixPath"),
-}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles DCP metadata and nothing else: globals off the allow-list are refused."""
-
-    def __init__(self, file: Any, where: Path) -> None:
-        super().__init__(file)
-        self.where = where
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _ALLOWED or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
-            return super().find_class(module, name)
-        raise ZhiluError(_FIELD, f"{self.where}: its .metadata refers to {module}.{name}, which DCP metadata never "
-                         "holds; zhilu refuses to load it (unpickling it could run code from the checkpoint)")
-
-
-class CheckpointReader(FileSystemReader):
-    """DCP's file reader without its unrestricted unpickling (see the module docstring).
-
-    ``files``: the only files the metadata may name (a checkpoint's manifest); None: any
-    plain file name inside the checkpoint directory."""
-
-    def __init__(self, path: Path, files: set[str] | None = None) -> None:
-        super().__init__(path)
-        self.where, self.files = Path(path), files
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        if kwargs.get("rank") is not None:  # DCP's fallback for rank-local metadata, which zhilu never writes
-            raise self._refuse("has no global .metadata")
-        try:
-            data = (self.where / ".metadata").read_bytes()
-            metadata = _MetadataUnpickler(io.BytesIO(data), self.where).load()
-        except ZhiluError:
-            raise
-        except Exception as e:  # truncated or garbage pickle, missing file
-            raise self._refuse(f"has an unreadable .metadata ({type(e).__name__}: {e})") from None
-        self._check(metadata)
-        if metadata.storage_meta is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
-
-    def read_data(self, plan: Any, planner: Any) -> Any:
-        if any(item.type == LoadItemType.BYTE_IO for item in plan.items):  # torch.load(weights_only=False)
-            raise self._refuse("holds a pickled object (a DCP bytes item), not only tensors")
-        return super().read_data(plan, planner)
-
-    def _check(self, md: Any) -> None:
-        if not (isinstance(md, Metadata) and isinstance(md.state_dict_metadata, dict)
-                and isinstance(md.storage_data, dict) and isinstance(md.storage_meta, (StorageMeta, type(None)))):
-            raise self._refuse("has a .metadata that is not DCP metadata")
-        if not all(isinstance(v, TensorStorageMetadata) for v in md.state_dict_metadata.values()):
-            raise self._refuse("holds something other than tensors")
-        for index, info in md.storage_data.items():
-            name = getattr(info, "relative_path", None)
-            if not (isinstance(index, MetadataIndex) and isinstance(info, _StorageInfo) and _plain(name)
-                    and (self.files is None or name in self.files)):
-                raise self._refuse(f"has a .metadata that names {name!r}, not a file of this checkpoint")
-
-    def _refuse(self, what: str) -> ZhiluError:
-        return ZhiluError(_FIELD, f"{self.where} {what}; zhilu refuses to load it")
-
 
 class Checkpointer:
-    def __init__(self, run_dir: Path, keep: int, is_main: bool) -> None:
-        self.root = run_dir / "checkpoints"
-        self.keep = keep
-        self.is_main = is_main
+    """Saves and restores one run's checkpoints; every method is collective (all ranks call it).
 
-    def latest(self, strict: bool = False) -> Path | None:
-        return latest_checkpoint(self.root.parent, strict)
+    ``about``: what the manifest records besides the trainer's state (plan, world size, ...)."""
 
+    def __init__(self, run_dir: Path, keep: int, background: bool = False, about: dict[str, Any] | None = None,
+                 faults: fault_injection.Faults = fault_injection.NONE) -> None:
+        self.run_dir, self.root, self.keep = run_dir, run_dir / "checkpoints", keep
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.about, self.faults = about or {}, faults
+        # DCP's background save runs collectives of its own: on a group of their own, so they
+        # never interleave with training's.
+        self.background = background
+        self.group = dist.new_group(backend="gloo") if background and self.world > 1 else None
+        self._pending: tuple[Future, threading.Thread | None] | None = None
+        self._error: BaseException | None = None
+        if self.rank == 0 and self.root.is_dir():  # leftovers of saves that a crash interrupted
+            for stale in [*self.root.glob(".step-*.tmp"), *self.root.glob(".step-*.old")]:
+                shutil.rmtree(stale, ignore_errors=True)
+
+    # -- saving ----------------------------------------------------------------------------
     def save(self, step: int, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer],
-             trainer_state: dict[str, Any]) -> Path:
-        """Collective: every rank calls it. Returns the checkpoint directory."""
-        name = f"step-{step:08d}"
-        final, tmp = self.root / name, self.root / f".{name}.tmp"
-        if self.is_main:
+             trainer_state: dict[str, Any]) -> None:
+        """Write a checkpoint of ``step``; in the background (returns once the state is
+        copied) when ``background``, after waiting for the previous background save."""
+        self.wait()
+        tmp = self.root / f".{name_of(step)}.tmp"
+        if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         _barrier()
-        dcp.save(_tensors(parts, optimizers), checkpoint_id=str(tmp))
-        if self.is_main:
-            manifest = {"step": step, "trainer": trainer_state, "files": _checksums(tmp)}
-            _write_atomic(tmp / "manifest.json", json.dumps(manifest, indent=1))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            _write_atomic(self.root / "latest", name + "\n")
-            self._prune()
-        _barrier()
-        return final
+        self.faults.begin_save(step)
+        state = _tensors(parts, optimizers)
+        state["rng"] = _rng_states(self.rank)
+        writer = _writer(tmp, self.faults)
+        if not self.background:
+            dcp.save(state, storage_writer=writer)
+            if self.rank == 0:
+                self._complete(step, tmp, trainer_state)
+            _barrier()
+            return
+        future = dcp.async_save(state, storage_writer=writer, process_group=self.group)
+        thread = None
+        if self.rank == 0:  # finish the checkpoint (checksums, rename, latest) once every rank has written
+            thread = threading.Thread(target=self._complete_after, args=(future, step, tmp, trainer_state),
+                                      name="zhilu-checkpoint", daemon=True)
+            thread.start()
+        self._pending = (future, thread)
+
+    def wait(self) -> None:
+        """Block until the background save, if any, is complete; re-raise its failure."""
+        if self._pending is None:
+            return
+        future, thread = self._pending
+        self._pending = None
+        future.result()
+        if thread is not None:
+            thread.join()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _complete_after(self, future: Future, step: int, tmp: Path, trainer_state: dict[str, Any]) -> None:
+        try:
+            future.result()
+            self._complete(step, tmp, trainer_state)
+        except BaseException as e:  # noqa: BLE001 - handed to the training thread by wait()
+            self._error = e
+
+    def _complete(self, step: int, tmp: Path, trainer_state: dict[str, Any]) -> None:
+        """Rank 0, once every rank's files are written: manifest, rename, ``latest``, pruning."""
+        fsync_dir(tmp)
+        files = sorted(p for p in tmp.iterdir() if p.is_file())
+        manifest = {"format": 2, "step": step, "trainer": trainer_state, **self.about,
+                    "files": {p.name: sha256(p) for p in files}, "sizes": {p.name: p.stat().st_size for p in files}}
+        self.faults.on_write()
+        write_atomic(tmp / "manifest.json", json.dumps(manifest, indent=1))
+        final = self.root / name_of(step)
+        old = self.root / f".{final.name}.old"
+        if final.exists():  # saved again after a fall back past a damaged one: swap, then delete
+            os.replace(final, old)
+        os.replace(tmp, final)
+        fsync_dir(self.root)
+        shutil.rmtree(old, ignore_errors=True)
+        self.faults.on_write()
+        write_atomic(self.root / "latest", final.name + "\n")
+        self.faults.begin_save(0)
+        self.faults.after_save(step, final)
+        self._prune(final)
+
+    def _prune(self, newest: Path) -> None:
+        """Keep the newest ``keep`` complete checkpoints (incomplete ones do not count), always ``newest``."""
+        if self.keep <= 0:
+            return
+        complete = sorted((p for p in self.root.glob("step-*") if (p / "manifest.json").is_file()),
+                          key=lambda p: p.name)
+        for old in complete[: -self.keep]:
+            if old != newest:
+                shutil.rmtree(old, ignore_errors=True)
+
+    # -- loading ---------------------------------------------------------------------------
+    def newest_good(self, say: Callable[[str], None]) -> Path | None:
+        """The checkpoint to continue from: the one ``latest`` names if it is good, else the newest
+        good one (each one passed over is named by rank 0 through ``say``). None: there is none
+        at all; a ZhiluError: there are checkpoints and none is good."""
+        paths, notes = candidates(self.run_dir)
+        rejected = []
+        for path in paths:
+            problem = self._problem(path)
+            if problem is None:
+                if self.rank == 0 and notes + rejected:
+                    say(f"zhilu: {'; '.join(notes + rejected)}; using {path.name}")
+                return path
+            rejected.append(f"{path.name} {problem}")
+        refuse_none_good(self.run_dir, notes + rejected)
+        return None
+
+    def _problem(self, path: Path) -> str | None:
+        """Why ``path`` must not be loaded, agreed by every rank (each hashes its share), or None."""
+        try:
+            manifest = read_manifest(path)
+            CheckpointReader(path, set(manifest["files"])).read_metadata()
+            bad = changed_files(path, manifest, self.rank, self.world)
+            problem = f"is damaged ({', '.join(bad)} changed since it was saved)" if bad else ""
+        except Unusable as e:
+            problem = str(e)
+        except Exception as e:  # noqa: BLE001 - a ZhiluError from the reader, or I/O
+            problem = getattr(e, "message", str(e)).removeprefix(f"{path} ")
+        if self.world > 1:
+            problems: list[str] = [""] * self.world
+            dist.all_gather_object(problems, problem)  # zhilu's own processes, not the checkpoint
+            problem = next((p for p in problems if p), "")
+        return problem or None
 
     def load(self, path: Path, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer]) -> dict[str, Any]:
-        """Collective: check the files against the manifest (each rank hashes its share; all
-        refuse together), restore the model parts and their optimizers in place; returns the
-        trainer state."""
-        manifest = _manifest(path)
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        files = sorted(manifest["files"].items())
-        bad = torch.tensor([i % world == rank and _changed(path, f, digest) for i, (f, digest) in enumerate(files)],
-                           dtype=torch.int32)
-        if world > 1:
-            if dist.get_backend() == "nccl":
-                bad = bad.to(torch.device("cuda", torch.cuda.current_device()))
-            dist.all_reduce(bad)
-        _refuse_damaged(path, [f for (f, _), b in zip(files, bad.tolist()) if b])
+        """Restore the model parts, their optimizers and this rank's RNG states from a checkpoint
+        :meth:`newest_good` chose; returns the manifest."""
+        manifest = read_manifest(path)
         state = _tensors(parts, optimizers)
-        _dcp_load(state, path, set(manifest["files"]), no_dist=False)
+        reader = CheckpointReader(path, set(manifest["files"]))
+        saved = reader.read_metadata().state_dict_metadata
+        rng = {k: v for k, v in _rng_states(self.rank).items() if f"rng.{k}" in saved}
+        if rng:
+            state["rng"] = rng
+        dcp.load(state, storage_reader=reader)
         for part, optimizer in zip(parts, optimizers):
             model_sd = get_model_state_dict(part)
             set_model_state_dict(part, {k: state["model"][k] for k in model_sd})
             full_optim = get_optimizer_state_dict(part, optimizer, options=_OPTIM)
             full_optim.update({k: state["optim"][k] for k in full_optim if k in state["optim"]})
             set_optimizer_state_dict(part, optimizer, full_optim, options=_OPTIM)
-        return manifest["trainer"]
-
-    def _prune(self) -> None:
-        if self.keep <= 0:
-            return
-        steps = sorted(p for p in self.root.glob("step-*") if p.is_dir())
-        for old in steps[: -self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        _set_rng_states(state.get("rng", {}), self.rank)
+        return manifest
 
 
 def load_model(path: Path, model: nn.Module, no_dist: bool = False, hashed: bool = False) -> None:
@@ -214,87 +233,46 @@ def load_model(path: Path, model: nn.Module, no_dist: bool = False, hashed: bool
     ``no_dist``: this process loads alone, even if it belongs to a process group. ``hashed``:
     this process has just written and hashed the checkpoint, so its checksums are not read
     again (the metadata still goes through the allow-list)."""
-    manifest = _manifest(path) if hashed else verify(path)
+    manifest = read_manifest(path) if hashed else verify(path)
     state = {"model": get_model_state_dict(model)}
-    _dcp_load(state, path, set(manifest["files"]), no_dist=no_dist)
+    reader = CheckpointReader(path, set(manifest["files"]))
+    reader.read_metadata()  # refuses here, with zhilu's message, before DCP wraps errors of its own
+    dcp.load(state, storage_reader=reader, no_dist=no_dist)
     set_model_state_dict(model, state["model"])
 
 
-def latest_checkpoint(run_dir: Path, strict: bool = False) -> Path | None:
-    """The newest complete checkpoint of a run directory, or None.
+def params_sha256(path: Path, budget_bytes: int = 1 << 30) -> str:
+    """SHA-256 over every model tensor of a checkpoint, whole, in name order (name, dtype, shape,
+    bytes), whatever layout saved it: two runs compare bit for bit. This process reads alone,
+    ``budget_bytes`` of tensors at a time."""
+    import hashlib
 
-    ``checkpoints/latest`` must hold the name (``step-NNNNNNNN``) of a directory directly
-    inside ``checkpoints/`` that has a manifest; anything else (garbage, a path, a link) is
-    no valid pointer: None, or with ``strict`` a ZhiluError that says why and what is valid."""
-    root = run_dir / "checkpoints"
-    pointer = root / "latest"
-    if not pointer.exists() and not pointer.is_symlink():
-        return None
-    problem = None
-    if pointer.is_symlink() or not pointer.is_file():
-        problem = "is not a plain file"
-    else:
-        try:
-            with open(pointer, "rb") as f:
-                raw = f.read(101)
-        except OSError as e:
-            raw = f"<unreadable: {e.strerror}>".encode()
-        name = raw.decode("ascii", "replace").strip()
-        if not _NAME.fullmatch(name):
-            problem = f"holds {raw[:40]!r}{'...' if len(raw) > 40 else ''}, not the name of a checkpoint"
-        elif (root / name).is_symlink() or not (root / name / "manifest.json").is_file():
-            problem = f"names {name}, which is not a complete checkpoint in {root} (no manifest.json)"
-    if problem is None:
-        return root / name
-    if strict:
-        found = sorted(p.name for p in root.glob("step-*") if not p.is_symlink() and (p / "manifest.json").is_file())
-        raise ZhiluError(_FIELD, f"{pointer} {problem}; valid: the name of a checkpoint directory in {root}"
-                         + (f" ({', '.join(found)})" if found else ", and there is none"))
-    return None
+    manifest = read_manifest(path)
+    metadata = CheckpointReader(path, set(manifest["files"])).read_metadata().state_dict_metadata
+    names = sorted(k for k in metadata if k.startswith("model."))
+    h = hashlib.sha256()
+    for batch in _batches(names, lambda k: metadata[k].size.numel() * metadata[k].properties.dtype.itemsize,
+                          budget_bytes):
+        state = {"model": {k.removeprefix("model."): torch.empty(metadata[k].size, dtype=metadata[k].properties.dtype)
+                           for k in batch}}
+        dcp.load(state, storage_reader=CheckpointReader(path, set(manifest["files"])), no_dist=True)
+        for k in batch:
+            t = state["model"][k.removeprefix("model.")].contiguous()
+            h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
-def verify(path: Path) -> dict[str, Any]:
-    """Check every file of a checkpoint against the SHA-256 its manifest recorded, and its
-    ``.metadata`` against the allow-list (no code runs). Returns the manifest."""
-    manifest = _manifest(path)
-    _refuse_damaged(path, [f for f, digest in sorted(manifest["files"].items()) if _changed(path, f, digest)])
-    CheckpointReader(path, set(manifest["files"])).read_metadata()
-    return manifest
-
-
-def _manifest(path: Path) -> dict[str, Any]:
-    try:
-        manifest = json.loads((path / "manifest.json").read_text())
-        files = manifest.get("files") if isinstance(manifest, dict) else None
-        ok = (isinstance(files, dict) and ".metadata" in files and all(isinstance(d, str) for d in files.values())
-              and "trainer" in manifest)
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ZhiluError(_FIELD, f"{path}: its manifest.json cannot be read ({e})") from None
-    if not ok:
-        raise ZhiluError(_FIELD, f"{path}: its manifest.json is not a zhilu checkpoint manifest")
-    return manifest
-
-
-def _changed(path: Path, name: str, digest: str) -> bool:
-    return not _plain(name) or not (path / name).is_file() or _sha256(path / name) != digest
-
-
-def _refuse_damaged(path: Path, bad: list[str]) -> None:
-    if bad:
-        raise ZhiluError(_FIELD, f"{path} is damaged ({', '.join(bad)} changed since it was saved); to resume from "
-                         f"an earlier checkpoint, delete it and write that one's name into {path.parent / 'latest'}")
-
-
-def _dcp_load(state: dict[str, Any], path: Path, files: set[str], no_dist: bool) -> None:
-    reader = CheckpointReader(path, files)
-    reader.read_metadata()  # refuses here, with zhilu's message, before DCP wraps errors of its own
-    dcp.load(state, storage_reader=reader, no_dist=no_dist)
-
-
-def _plain(name: Any) -> bool:
-    """A file name directly inside a directory (no path, no '.' or '..')."""
-    return (isinstance(name, str) and name not in ("", ".", "..")
-            and not any(c in name for c in ("/", "\\", "\0")))
+def _batches(names: list[str], size: Callable[[str], int], budget: int) -> Iterator[list[str]]:
+    batch, used = [], 0
+    for k in names:
+        if batch and used + size(k) > budget:
+            yield batch
+            batch, used = [], 0
+        batch.append(k)
+        used += size(k)
+    if batch:
+        yield batch
 
 
 def _tensors(parts: list[nn.Module], optimizers: list[torch.optim.Optimizer]) -> dict[str, dict[str, torch.Tensor]]:
@@ -309,25 +287,41 @@ def _tensors(parts: list[nn.Module], optimizers: list[torch.optim.Optimizer]) ->
     return {"model": model, "optim": optim}
 
 
-def _checksums(directory: Path) -> dict[str, str]:
-    return {p.name: _sha256(p) for p in sorted(directory.iterdir()) if p.is_file()}
+def _rng_states(rank: int) -> dict[str, torch.Tensor]:
+    """This rank's generator states (CPU, and CUDA when present), under keys only it saves."""
+    states = {f"{rank}.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states[f"{rank}.cuda"] = torch.cuda.get_rng_state()
+    return states
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def _set_rng_states(states: dict[str, torch.Tensor], rank: int) -> None:
+    if f"{rank}.cpu" in states:
+        torch.set_rng_state(states[f"{rank}.cpu"])
+    if f"{rank}.cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states[f"{rank}.cuda"])
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+class _CountingFileSystem(FileSystem):
+    """DCP's file system, reporting each file opened for writing to the fault injector."""
+
+    def __init__(self, faults: fault_injection.Faults) -> None:
+        self.faults = faults
+
+    @contextmanager
+    def create_stream(self, path: str | os.PathLike, mode: str) -> Iterator[Any]:
+        if "w" in mode or "a" in mode:
+            self.faults.on_write()
+        with super().create_stream(path, mode) as stream:
+            yield stream
+
+
+def _writer(path: Path, faults: fault_injection.Faults) -> FileSystemWriter:
+    # On CUDA the background save stages into pinned buffers it keeps between saves.
+    writer = FileSystemWriter(path, sync_files=True, cache_staged_state_dict=torch.cuda.is_available())
+    if faults.faults:
+        writer.fs = _CountingFileSystem(faults)
+    return writer
 
 
 def _barrier() -> None:

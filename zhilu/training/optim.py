@@ -39,7 +39,8 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 def clip_grad_norm(parts: list[nn.Module], max_norm: float, pp_group: dist.ProcessGroup | None) -> torch.Tensor:
-    """Clip the gradients of all ``parts`` to a global norm of ``max_norm``; returns that norm.
+    """The global norm of the gradients of all ``parts``, clipped to ``max_norm`` (0: not
+    clipped); returns the norm before clipping (NaN or inf when a gradient is).
 
     Gradients may be plain tensors or DTensors on different meshes (tensor-parallel weights,
     replicated norms, FSDP shards): each group is normed by PyTorch's ``get_total_norm`` and
@@ -58,6 +59,7 @@ def clip_grad_norm(parts: list[nn.Module], max_norm: float, pp_group: dist.Proce
     if pp_group is not None:
         dist.all_reduce(squares, group=pp_group)
     total = squares.sqrt()
-    for params in groups.values():
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    if max_norm > 0:
+        for params in groups.values():
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return total

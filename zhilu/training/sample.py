@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -32,3 +35,21 @@ def generate(model: nn.Module, prompt: Tensor, max_new_tokens: int, max_seq_len:
             next_token = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
         tokens = torch.cat((tokens, next_token), dim=1)
     return tokens
+
+
+@torch.no_grad()
+def sample_text(spec: Any, data: Any, checkpoint: Path, n_tokens: int, device: torch.device, autocast: Any,
+                seed: int, seq_len: int) -> str | None:
+    """Text generated from the start of the validation data by the whole model loaded from
+    ``checkpoint`` (so it also proves that checkpoint restores); None without a text form."""
+    from zhilu.training.checkpoint import load_model
+
+    if data.prompt is None or data.decode is None:
+        return None
+    model = spec.create(device)
+    load_model(checkpoint, model, no_dist=True, hashed=True)
+    generator = torch.Generator(device).manual_seed(seed)
+    model.eval()
+    with autocast:
+        out = generate(model, data.prompt.to(device), n_tokens, spec.max_seq_len or seq_len, generator=generator)
+    return data.decode(out[0].tolist())

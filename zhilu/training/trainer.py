@@ -8,15 +8,19 @@
 Order of construction, fixed: process group and mesh -> the parts of the model this rank
 runs, built from its spec and parallelised (pipeline stages; tensor parallel -> recompute ->
 compile -> DDP/FSDP2, see zhilu/parallel/parallelize.py) -> one AdamW per part ->
-checkpoint restore. Losses are the mean over the global batch, so every plan reports what
-one process with the same global batch would.
+checkpoint restore (the newest good one). Losses are the mean over the global batch, so
+every plan reports what one process with the same global batch would.
+
+Each step, one flag reduced over all ranks carries "a loss or gradient norm here is not
+finite" and "pre-emption asked for a checkpoint" before any optimizer step, so every rank
+takes the same decision (:mod:`zhilu.training.bad_steps`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import statistics
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -25,14 +29,16 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor.parallel import loss_parallel
 
+import zhilu
 from zhilu.config import JobConfig
 from zhilu.data.batches import training_data
+from zhilu.errors import ZhiluError
 from zhilu.hardware import cluster
 from zhilu.mfu import mfu
 from zhilu.models.registry import spec_of
 from zhilu.monitor.memory import memory_per_rank, peak_memory_gib, tensor_bytes
 from zhilu.monitor.progress import TrainProgress
-from zhilu.parallel.data_parallel import gradient_sync, reshard
+from zhilu.parallel.data_parallel import gradient_sync, reshard, settle_buckets
 from zhilu.parallel.local_sgd import ModelAveraging
 from zhilu.parallel.mesh import ParallelEnv, init_parallel, shutdown_parallel
 from zhilu.parallel.parallelize import build_parallel
@@ -40,29 +46,39 @@ from zhilu.parallel.tensor_parallel import whole
 from zhilu.plan import Plan
 from zhilu.spec import ModelSpec, measure_flops
 from zhilu.training import predict
-from zhilu.training.checkpoint import Checkpointer, load_model
+from zhilu.training.bad_steps import BadSteps
+from zhilu.training.checkpoint import Checkpointer
+from zhilu.training.checkpoint_files import read_manifest
+from zhilu.training.faults import Faults
 from zhilu.training.metrics import MetricsFile, write_json
 from zhilu.training.optim import build_optimizer, clip_grad_norm, lr_at, set_lr
 from zhilu.training.report import print_memory, print_summary
-from zhilu.training.sample import generate
+from zhilu.training.summary import run_summary
+from zhilu.training.watchdog import Watchdog
 
-SAMPLE_MAX_PARAMS = 2_000_000_000  # the end-of-run sample loads the whole model on rank 0
+def run(cfg: JobConfig, plan: Plan, spec: ModelSpec | None = None, attempt: int = 0,
+        history: list[dict[str, Any]] | None = None, supervised: bool = False) -> dict[str, Any] | None:
+    """Entry point of one rank. Rank 0 returns the summary.
 
-
-def run(cfg: JobConfig, plan: Plan, spec: ModelSpec | None = None) -> dict[str, Any] | None:
-    """Entry point of one rank (also the torch elastic entry point). Rank 0 returns the summary.
-
-    ``spec`` None: the model named by ``cfg.model``, resolved in this process."""
+    ``spec`` None: the model named by ``cfg.model``, resolved in this process. ``attempt``
+    and ``history``: which try of the job this is and why the earlier ones ended (from zhilu's
+    launcher; under torchrun, its restart count). ``supervised``: under zhilu's launcher, which
+    gets a ZhiluError back as ``{"error": ...}`` and hangs are watched for."""
     spec = spec or spec_of(cfg)
-    env = init_parallel(plan, cfg.launch.device)
+    env = init_parallel(plan, cfg.launch.device, timeout_s=_collective_timeout(cfg))
     try:
-        return Trainer(cfg, plan, spec, env).fit()
+        return Trainer(cfg, plan, spec, env, attempt, history, supervised).fit()
+    except ZhiluError as e:
+        if supervised:
+            return {"error": [e.field, e.message]}
+        raise
     finally:
         shutdown_parallel()
 
 
 class Trainer:
-    def __init__(self, cfg: JobConfig, plan: Plan, spec: ModelSpec, env: ParallelEnv) -> None:
+    def __init__(self, cfg: JobConfig, plan: Plan, spec: ModelSpec, env: ParallelEnv, attempt: int = 0,
+                 history: list[dict[str, Any]] | None = None, supervised: bool = False) -> None:
         self.cfg, self.plan, self.spec, self.env = cfg, plan, spec, env
         t = cfg.train
         self.run_dir = Path(cfg.run.out)
@@ -70,6 +86,13 @@ class Trainer:
         self.precision = plan.precision
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.precision == "bf16"
                          else contextlib.nullcontext())
+        self.attempt = attempt if supervised else int(os.environ.get("TORCHELASTIC_RESTART_COUNT", attempt))
+        self.history = history if history is not None else [{"attempt": a, "cause": "torchrun restarted the job"}
+                                                             for a in range(1, self.attempt + 1)]
+        self.faults = Faults(env.rank, self.attempt)
+        self.watchdog = (Watchdog(self.run_dir, env.rank, env.world_size, cfg.launch.hang_timeout)
+                         if supervised or env.world_size > 1 else None)
+        self._phase(0, "start")
         self.data = training_data(cfg, spec, env.dp_rank, plan.dp)
         self.loader = self.data.loader
 
@@ -82,16 +105,23 @@ class Trainer:
             if plan.avg_every else None
         )
         self.loss_context = loss_parallel if self.pm.sharded_logits else contextlib.nullcontext
-        self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep, env.is_main)
-        self.step = 0
-        self.restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
-        # A resumed or restarted run continues from a valid `latest` (else refuses), its files
-        # checked against the manifest first (load() verifies); with no checkpoint, from the start.
-        latest = self.checkpointer.latest(strict=True) if cfg.checkpoint.resume or self.restarts > 0 else None
-        if latest is not None:
-            state = self.checkpointer.load(latest, self.parts, self.optimizers)
-            self.step = state["step"]
-            self.loader.load_state_dict(state["loader"])
+        about = {"plan": plan.spec(), "world_size": env.world_size, "model": spec.name,
+                 "versions": {"zhilu": zhilu.__version__, "torch": torch.__version__}}
+        self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep, cfg.checkpoint.async_, about, self.faults)
+        self.bad = BadSteps(t.on_bad_step, t.bad_steps_in_a_row)
+        self.step = self.saved_step = 0
+        self.stop_asked = False  # pre-emption (SIGUSR1): checkpoint at the next step and stop
+        with contextlib.suppress(ValueError):  # not the main thread: no pre-emption signal
+            signal.signal(signal.SIGUSR1, self._on_preempt)
+        if cfg.checkpoint.resume or self.attempt > 0:
+            self._phase(0, "load")
+            path = self.checkpointer.newest_good(say=self._say)
+            if path is not None:
+                self.restore(path)
+        if self.history and "resumed_from_step" not in self.history[-1]:
+            last = self.history[-1]
+            last["resumed_from_step"] = self.step
+            last["steps_recomputed"] = max(0, (last.get("reached_step") or self.step) - self.step)
         self.seq_len = t.seq_len if spec.is_language_model else 0
         self.items_per_step = t.global_batch * (self.seq_len or 1)  # tokens, or samples
         self.flops_per_item = self._flops_per_item()
@@ -104,14 +134,18 @@ class Trainer:
             print(f"no prediction: {why_not}")
 
     # -- one optimizer step ---------------------------------------------------------------
-    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Forward, backward and update on this rank's share of one global batch.
+    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+        """Forward, backward and, unless some rank's loss or gradient norm is not finite, the
+        update, on this rank's share of one global batch.
 
-        Returns this rank's mean loss (detached, not yet averaged over ranks; zero on a
-        pipeline rank without the last stage)."""
+        Returns the ranks whose loss (else gradient norm) was not finite (none: the update was
+        made), this rank's mean loss
+        (detached, not yet averaged over ranks; zero on a pipeline rank without the last stage)
+        and the gradient norm."""
         lr = lr_at(self.step, self.cfg.train)
         for opt in self.optimizers:
             set_lr(opt, lr)
+        self._phase(self.step + 1, "forward")
         with self.loss_context():
             if self.pm.pipeline is not None:
                 with self.autocast:
@@ -119,25 +153,41 @@ class Trainer:
                 total = loss if loss is not None else torch.zeros((), device=self.device)
             else:
                 total = self._accumulate(inputs, targets)
-        if self.cfg.train.grad_clip > 0:
-            clip_grad_norm(self.parts, self.cfg.train.grad_clip, self.env.group("pp"))
+        norm = clip_grad_norm(self.parts, self.cfg.train.grad_clip, self.env.group("pp"))
         if self.step == 0:
             self.first_grad_bytes = tensor_bytes(p.grad for part in self.parts for p in part.parameters())
+        # flags[r]: rank r's loss is not finite; flags[world + r]: its gradient norm; flags[-1]: stop asked for
+        world = self.env.world_size
+        flags = torch.zeros(2 * world + 1, device=self.device)
+        flags[self.env.rank] = (~torch.isfinite(total)).float()
+        flags[world + self.env.rank] = (~torch.isfinite(norm)).float()
+        flags[-1] = float(self.stop_asked)
+        if world > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        flags = flags.tolist()
+        bad = ([r for r in range(world) if flags[r]] or [r for r in range(world) if flags[world + r]])
+        self.stop_asked = bool(flags[-1])
+        self._phase(self.step + 1, "optimizer")
         for opt in self.optimizers:
-            opt.step()
+            if not bad:
+                opt.step()
             opt.zero_grad(set_to_none=True)
+        if bad:
+            return bad, total, norm
         self.step += 1
         if self.averaging is not None:
             self.averaging.after_step(self.step)
-        return total
+        return bad, total, norm
 
     def _accumulate(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         model, mb = self.parts[0], self.plan.mb
         total = torch.zeros((), device=self.device)
+        poison = float("nan") if self.faults.nan_at(self.loader.index) else 1.0
         for i, (x, y) in enumerate(zip(inputs.chunk(mb), targets.chunk(mb))):
             with gradient_sync(model, self.plan, last_micro_batch=i == mb - 1):
                 with self.autocast:
-                    loss = self.spec.loss(model(x), y) / mb
+                    loss = self.spec.loss(model(x), y) * poison / mb
+                self._phase(self.step + 1, "backward")
                 loss.backward()
             total += whole(loss.detach())
         return total
@@ -150,7 +200,7 @@ class Trainer:
     def fit(self) -> dict[str, Any] | None:
         t, env = self.cfg.train, self.env
         progress = TrainProgress(t.steps, self.step, enabled=env.is_main, unit="tok" if self.seq_len else "samples")
-        metrics = MetricsFile(self.run_dir / "metrics.jsonl", self.step) if env.is_main else None
+        self.metrics = MetricsFile(self.run_dir / "metrics.jsonl", self.step) if env.is_main else None
         shape = f"{t.global_batch} x {t.seq_len} tokens/step" if self.seq_len else f"{t.global_batch} samples/step"
         progress.print(
             f"[bold]zhilu[/] {self.spec.name} ({self.num_params / 1e6:.1f}M params) plan {self.plan.describe()} on "
@@ -159,21 +209,34 @@ class Trainer:
         if self.prediction is not None:
             progress.print(predict.describe(self.prediction, self.cfg.parallel.hardware))
         wall_start = time.perf_counter()
-        step_times: list[float] = []
         last_loss: float | None = None
         val_loss: float | None = None
+        ended, error = "finished", None
         interval_start, interval_steps = time.perf_counter(), 0
-        # Fault injection for testing resume and restarts: crash once, on the first attempt.
-        fail_at = int(os.environ.get("ZHILU_FAIL_AT_STEP", 0)) if self.restarts == 0 else 0
         while self.step < t.steps:
-            if self.step == fail_at > 0:
-                raise RuntimeError(f"ZHILU_FAIL_AT_STEP={fail_at}: simulated crash")
+            self.faults.at_step(self.step + 1)
+            step_start = time.perf_counter()
             x, y = self.next_batch()
-            loss = self.train_step(x, y)
+            bad, loss, norm = self.train_step(x, y)
+            if bad:
+                mean = self._global_mean(loss)
+                action = self.bad.record(self.step + 1, self.loader.index, bad, mean, norm.item())
+                self._say(f"zhilu: step {self.step + 1}: loss {mean:g}, gradient norm {norm.item():g}, not finite on "
+                          f"rank {', '.join(map(str, bad))} (batch {self.loader.index}); the update is dropped")
+                if action == "rollback" and not self.rollback():
+                    action = "abort"
+                if action == "abort":
+                    ended, error = "aborted", self.bad.why_abort()
+                    break
+                interval_start, interval_steps = time.perf_counter(), 0
+                continue
+            self.bad.good()
             interval_steps += 1
             step = self.step
             progress.advance(step)
-            if step == 1:
+            if self.watchdog is not None:
+                self.watchdog.step_done(time.perf_counter() - step_start)
+            if step == 1 and not self.attempt:
                 self.memory_mib = memory_per_rank(self.parts, self.optimizers, self.first_grad_bytes, self.device)
                 print_memory(progress, self.memory_mib, self.device.type, self.prediction)
             evaluate = step == t.steps or step == 1 or (t.eval_every > 0 and step % t.eval_every == 0)
@@ -182,63 +245,76 @@ class Trainer:
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 step_time = (time.perf_counter() - interval_start) / interval_steps
-                step_times.extend([step_time] * interval_steps)
-                record = self._record(step, last_loss, step_time)
+                record = self._record(step, last_loss, norm.item(), step_time)
                 if evaluate:
                     val_loss = record["val_loss"] = self.evaluate()
-                if metrics is not None:
-                    metrics.write(record)
+                if self.metrics is not None:
+                    self.metrics.write(record)
                 progress.update(step, record)
                 interval_start, interval_steps = time.perf_counter(), 0
-            if step == t.steps or (self.cfg.checkpoint.every > 0 and step % self.cfg.checkpoint.every == 0):
+            if self.stop_asked:
+                ended = "preempted"
+            if step == t.steps or ended == "preempted" or (self.cfg.checkpoint.every > 0
+                                                           and step % self.cfg.checkpoint.every == 0):
                 self.save()
                 interval_start = time.perf_counter()
+            if ended == "preempted":
+                break
+        if ended == "aborted" and self.saved_step != self.step:  # keep the last good state
+            self.save()
+        self.checkpointer.wait()
         progress.close()
+        if self.watchdog is not None:
+            self.watchdog.close()
         if not env.is_main:
             return None
-        summary = self._summary(step_times, last_loss, val_loss, time.perf_counter() - wall_start)
+        summary = run_summary(self, ended, error, last_loss, val_loss, time.perf_counter() - wall_start)
         write_json(self.run_dir / "summary.json", summary)
         print_summary(progress, summary, self.run_dir)
         return summary
 
-    def _summary(self, step_times: list[float], last_loss: float | None, val_loss: float | None,
-                 wall_s: float) -> dict[str, Any]:
-        t = self.cfg.train
-        sample = self.sample(t.sample_tokens) if t.sample_tokens else None
-        measured = statistics.median(step_times[1:] or step_times) if step_times else None
-        e = self.prediction
-        predicted = e.step_time_s if e is not None else None
-        explain = (predict.explain(self.cfg, self.spec, self.plan, self.hardware, self.device.type,
-                                   self.env.local_world_size) if e is not None and self.hardware is not None else None)
-        return {
-            "plan": self.plan.to_dict(),
-            "world_size": self.env.world_size,
-            "device": self.device.type,
-            "model": self.spec.name,
-            "params": self.num_params,
-            "steps": t.steps,
-            "seq_len": self.seq_len,
-            "global_batch": t.global_batch,
-            "hardware": self.cfg.parallel.hardware or None,
-            "predicted_step_time_s": predicted,
-            "measured_step_time_s": measured,
-            "prediction_error": measured / predicted - 1 if measured and predicted else None,
-            "predicted_breakdown": e.breakdown if e is not None else None,
-            "predicted_memory_mib_per_rank": e.memory_gib_per_device * 1024 if e is not None else None,
-            "tokens_per_s": self.items_per_step / measured if measured else None,
-            "mfu": self._mfu(measured) if measured else None,
-            "peak_tflops": self.peak_tflops,
-            "final_loss": last_loss,
-            "final_val_loss": val_loss,
-            "wall_s": wall_s,
-            "restarts": self.restarts,
-            "memory_mib_per_rank": getattr(self, "memory_mib", None),  # None when resumed past step 1
-            "sample": sample,
-            "explain": explain,
-        }
+    def save(self) -> None:
+        self.saved_step = self.step
+        self._phase(self.step, "save")
+        state = {"step": self.step, "loader": self.loader.state_dict(), "bad_steps": self.bad.state_dict()}
+        self.checkpointer.save(self.step, self.parts, self.optimizers, state)
+
+    def restore(self, path: Path) -> None:
+        state = self.checkpointer.load(path, self.parts, self.optimizers)["trainer"]
+        self.step = self.saved_step = int(state["step"])
+        self.loader.load_state_dict(state["loader"])
+        self.bad.load_state_dict(state.get("bad_steps", {}))
+        if self.step and self.pm.pipeline is None:
+            settle_buckets(self.parts[0], self._throwaway_backward)
+
+    def _throwaway_backward(self) -> None:
+        """A backward whose gradients are dropped, in eval mode (no running statistics move)."""
+        x, y = (t[:1].to(self.device) for t in self.data.val_batches[0])
+        self.parts[0].eval()
+        with self.autocast:
+            loss = self.spec.loss(self.parts[0](x), y)
+        loss.backward()
+        self.parts[0].train()
+
+    def rollback(self) -> bool:
+        """Return to the last checkpoint, passing over every batch drawn since it; False when
+        there is none or this run has already rolled back to it."""
+        self.checkpointer.wait()
+        path = self.checkpointer.newest_good(say=self._say)
+        if path is None or not self.bad.may_roll_back_to(int(read_manifest(path)["step"])):
+            return False
+        seen, drawn = self.bad.seen, self.loader.batches_drawn
+        self.restore(path)
+        self.loader.skip |= set(range(self.loader.batches_drawn, drawn))
+        self.bad.seen = seen
+        if self.metrics is not None:
+            self.metrics.truncate(self.step)
+        self._say(f"zhilu: rolled back to {path.name}; batches {self.loader.batches_drawn}-{drawn - 1} are skipped")
+        return True
 
     @torch.no_grad()
     def evaluate(self) -> float:
+        self._phase(self.step, "eval")
         for part in self.parts:
             part.eval()
         total = torch.zeros((), device=self.device)
@@ -255,29 +331,18 @@ class Trainer:
             reshard(part)
         return self._global_mean(total / len(self.data.val_batches))
 
-    @torch.no_grad()
-    def sample(self, n_tokens: int) -> str | None:
-        """Text generated on rank 0 from the start of the validation data, by a whole model
-        loaded from the checkpoint just saved (so it also proves that checkpoint restores)."""
-        spec = self.spec
-        if self.data.prompt is None or self.data.decode is None:
-            return None
-        if self.num_params > SAMPLE_MAX_PARAMS:
-            return None
-        model = spec.create(self.device)
-        load_model(self.checkpointer.latest(), model, no_dist=True, hashed=True)
-        generator = torch.Generator(self.device).manual_seed(self.cfg.train.seed)
-        model.eval()
-        with self.autocast:
-            out = generate(model, self.data.prompt.to(self.device), n_tokens, spec.max_seq_len or self.seq_len,
-                           generator=generator)
-        return self.data.decode(out[0].tolist())
-
-    def save(self) -> None:
-        state = {"step": self.step, "loader": self.loader.state_dict(), "plan": self.plan.to_dict()}
-        self.checkpointer.save(self.step, self.parts, self.optimizers, state)
-
     # -- helpers ---------------------------------------------------------------------------
+    def _phase(self, step: int, name: str) -> None:
+        if self.watchdog is not None:
+            self.watchdog.phase(step, name)
+
+    def _say(self, line: str) -> None:
+        if self.env.is_main:
+            print(line, flush=True)
+
+    def _on_preempt(self, signum: int, frame: Any) -> None:
+        self.stop_asked = True
+
     def _global_mean(self, value: torch.Tensor) -> float:
         """The loss of the global batch: from the last pipeline stage, averaged over replicas."""
         value = value.detach().clone()
@@ -299,13 +364,21 @@ class Trainer:
             return None
         return mfu(self.flops_per_item, self.items_per_step / step_time, self.env.world_size, self.peak_tflops)
 
-    def _record(self, step: int, loss: float, step_time: float) -> dict[str, Any]:
+    def _record(self, step: int, loss: float, grad_norm: float, step_time: float) -> dict[str, Any]:
         return {
             "step": step,
+            "batch": self.loader.index,
             "loss": loss,
+            "grad_norm": grad_norm,
             "lr": self.optimizers[0].param_groups[0]["lr"],
             "step_time_s": step_time,
             "tokens_per_s": self.items_per_step / step_time,
             "mfu": self._mfu(step_time),
             "mem_gib": peak_memory_gib(self.device),
         }
+
+
+def _collective_timeout(cfg: JobConfig) -> float:
+    """Seconds a collective waits before the process group gives up: beyond the hang bound, so
+    the watchdog names a hang first (600 s when the bound is derived from the step time)."""
+    return max(60.0, 2 * cfg.launch.hang_timeout) if cfg.launch.hang_timeout else 600.0
