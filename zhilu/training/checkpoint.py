@@ -175,9 +175,9 @@ class Checkpointer:
 
     # -- loading ---------------------------------------------------------------------------
     def newest_good(self, say: Callable[[str], None]) -> Path | None:
-        """The checkpoint to continue from: the one ``latest`` names if it is good, else the newest
-        good one (each one passed over is named by rank 0 through ``say``). None: there is none
-        at all; a ZhiluError: there are checkpoints and none is good."""
+        """The checkpoint to continue from: the newest good one (each one passed over, and a bad
+        ``latest``, is named by rank 0 through ``say``). None: there is none at all; a
+        ZhiluError: there are checkpoints and none is good."""
         paths, notes = candidates(self.run_dir)
         rejected = []
         for path in paths:

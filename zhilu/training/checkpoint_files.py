@@ -4,8 +4,8 @@ checkpoint is the newest good one.
 A checkpoint ``checkpoints/step-NNNNNNNN/`` is complete when it has a ``manifest.json``
 (written last, after every file is fsynced) and good when every file the manifest lists
 still has the size and SHA-256 recorded there and its ``.metadata`` passes the allow-list
-(:mod:`zhilu.training.dcp_reader`). ``latest`` names the newest one written; when it or the
-checkpoint it names is bad, the newest good checkpoint before it is used instead.
+(:mod:`zhilu.training.dcp_reader`). ``latest`` names the newest one completed; a run
+continues from the newest good checkpoint, and names what it passed over.
 """
 
 from __future__ import annotations
@@ -75,15 +75,14 @@ def check(path: Path) -> dict[str, Any]:
 
 
 def candidates(run_dir: Path) -> tuple[list[Path], list[str]]:
-    """Checkpoints to try, best first: the one ``latest`` names, then every other complete-looking
-    one, newest first. Also the problems with the pointer, as lines to show."""
+    """Checkpoints to try, newest first, and the problems with the ``latest`` pointer, as lines
+    to show. ``latest`` is moved only after its checkpoint is complete, so it may lag behind
+    one a crash left complete but unnamed: the newest good checkpoint is used either way."""
     root = run_dir / "checkpoints"
     found = sorted((p for p in root.glob("step-*") if STEP_NAME.fullmatch(p.name) and p.is_dir()
                     and not p.is_symlink()), key=lambda p: p.name, reverse=True)
-    name, problem = read_pointer(root)
-    notes = [f"{root / 'latest'} {problem}"] if problem else []
-    first = [root / name] if name and (root / name) in found else []
-    return first + [p for p in found if p not in first], notes
+    _, problem = read_pointer(root)
+    return found, [f"{root / 'latest'} {problem}"] if problem else []
 
 
 def read_pointer(root: Path) -> tuple[str | None, str | None]:
