@@ -197,12 +197,16 @@ def test_a_hung_rank_is_named_and_the_job_restarted(reference: dict[int, str], t
 
 def test_out_of_restarts_the_launcher_writes_the_summary(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    result = zhilu("train", *MICRO, *JOB, "--nproc", "2", "--out", str(out), env={"ZHILU_FAULTS": "kill:rank=1:step=3"})
+    faults = "kill:rank=1:step=3;kill:rank=1:step=6:attempt=1"  # the restart, from step 2, dies at step 6
+    result = zhilu("train", *MICRO, *JOB, "--nproc", "2", "--max-restarts", "1", "--out", str(out),
+                   env={"ZHILU_FAULTS": faults})
     assert result.returncode == 1
     lines = [line for line in result.stderr.splitlines() if line.startswith("zhilu train:")]
     assert len(lines) == 1 and "rank 1 was killed by SIGKILL" in lines[0] and "no restarts left" in lines[0]
     s = summary(out)
-    assert s["ended"] == "failed" and s["restarts"] == 0 and s["final_params_sha256"] is None
+    assert s["ended"] == "failed" and s["final_params_sha256"] is None and s["last_step"] == 5
+    assert s["restarts"] == 1 and s["restart_causes"][0]["resumed_from_step"] == 2
+    assert s["steps_recomputed"] == 0  # the first attempt had completed step 2 only
     assert "Traceback" not in result.stderr
 
 
@@ -302,7 +306,7 @@ def _group_ends(pgid: int, within_s: float = 30.0) -> bool:
     return False
 
 
-def test_resuming_a_finished_run_is_refused_and_changes_nothing(tmp_path: Path) -> None:
+def test_resuming_a_finished_run_is_refused_and_changes_nothing(reference: dict[int, str], tmp_path: Path) -> None:
     out = train(tmp_path / "run", *JOB)
     before = (out / "summary.json").read_bytes()
     result = zhilu("train", *MICRO, *JOB, "--out", str(out), "--resume")
@@ -310,6 +314,9 @@ def test_resuming_a_finished_run_is_refused_and_changes_nothing(tmp_path: Path) 
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "has finished its 6 steps" in errors[0] and "--steps larger than 6" in errors[0]
     assert (out / "summary.json").read_bytes() == before
+    (out / "summary.json").unlink()  # as if killed after its last checkpoint: --resume completes it
+    train(out, *JOB, "--resume")
+    assert summary(out)["ended"] == "finished" and sha(out) == reference[1]
 
 
 def test_resuming_a_run_killed_before_its_first_checkpoint_starts_it_again(reference: dict[int, str],

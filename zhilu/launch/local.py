@@ -28,15 +28,18 @@ class TrainingFailed(Exception):
 
 @dataclass
 class WorkerFailed(Exception):
-    """A worker of one attempt ended badly: which rank, its exit code, and the signal that killed it."""
+    """A worker of one attempt ended badly: which rank, its exit code, the signal that killed it,
+    and, when it raised, the exception's last line and traceback."""
 
     rank: int
     exitcode: int
     signal: str  # e.g. SIGKILL; empty when the process exited by itself
+    message: str = ""  # e.g. "ValueError: ..."
+    traceback: str = ""
 
     def __str__(self) -> str:
         how = f"was killed by {self.signal}" if self.signal else f"exited with code {self.exitcode}"
-        return f"rank {self.rank} {how}"
+        return f"rank {self.rank} {how}" + (f" ({self.message})" if self.message else "")
 
 
 class Interrupted(Exception):
@@ -61,8 +64,8 @@ def run_local(fn: Callable[..., Any], args: tuple, nproc: int, port: int = 0) ->
     # (MASTER_PORT) or the one given.
     os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     os.environ["ZHILU_LOCAL_LAUNCH"] = "1"  # rank 0's store on 127.0.0.1 (zhilu.parallel.mesh)
-    # A worker prints its own traceback; the agent's log of the same failure (and of the
-    # workers it then stops) would repeat it as pages of log lines. zhilu says it in one.
+    # The agent's log of a failure (and of the workers it then stops) is pages of log lines;
+    # zhilu says it in one, with the traceback of a worker that raised (WorkerFailed).
     for name in ("torch.distributed.elastic", "torch.multiprocessing.spawn"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     if port:
@@ -88,7 +91,9 @@ def run_local(fn: Callable[..., Any], args: tuple, nproc: int, port: int = 0) ->
         except ChildFailedError as e:
             rank, failure = _first_failure(e)
             name = failure.signal_name() if failure.exitcode < 0 else ""
-            raise WorkerFailed(rank, failure.exitcode, "" if name == "<N/A>" else name) from None
+            raised = failure.message if isinstance(failure.message, dict) else {}  # from the worker's error file
+            raise WorkerFailed(rank, failure.exitcode, "" if name == "<N/A>" else name, raised.get("message", ""),
+                               raised.get("extraInfo", {}).get("py_callstack", "")) from None
 
 
 def _first_failure(e: Any) -> tuple[int, Any]:

@@ -45,8 +45,8 @@ TRAJECTORY = {
 def check(out: Path, resume: bool, restarted: bool, locks: bool, steps: int | None = None) -> None:
     """Refuse ``out`` unless this job may write it (``locks``: this process is the one that takes the lock).
 
-    ``--resume`` needs a zhilu run; with no checkpoint yet it starts again, and one whose newest
-    checkpoint is of its last step (``steps``) has nothing left to do. A run that torchrun
+    ``--resume`` needs a zhilu run; with no checkpoint yet it starts again, and one that finished
+    (a checkpoint of its last step, ``steps``, and a summary saying so) has nothing left to do. A run that torchrun
     restarted continues from its newest good checkpoint, or from the start if it has none."""
     from zhilu.training.checkpoint_files import candidates
 
@@ -81,9 +81,20 @@ def check(out: Path, resume: bool, restarted: bool, locks: bool, steps: int | No
         print(f"zhilu: {out} has no checkpoint yet; its run starts again from step 0", file=sys.stderr)
         return
     step = next((m["step"] for m in map(_manifest_or_none, paths) if m is not None), None)
-    if steps is not None and isinstance(step, int) and step >= steps:
+    if steps is not None and isinstance(step, int) and step >= steps and _ended(out) == "finished":
         raise ZhiluError("checkpoint.resume", f"{out} has finished its {steps} steps (its newest checkpoint is of step "
                                               f"{step}); valid: --steps larger than {step} to train on")
+
+
+def _ended(out: Path) -> object:
+    """How the run's summary.json says it ended; None without one (killed before it was written:
+    resumed, the run loads its last checkpoint and writes it)."""
+    import json
+
+    try:
+        return json.loads((out / "summary.json").read_text()).get("ended")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _manifest_or_none(path: Path) -> dict | None:

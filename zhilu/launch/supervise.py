@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from zhilu.spec import ModelSpec
 def supervise(cfg: JobConfig, plan: Plan, spec: ModelSpec) -> dict[str, Any] | None:
     """Run the prepared job in ``cfg.launch.nproc`` local processes until it ends; rank 0's summary."""
     from zhilu.training import trainer, watchdog
-    from zhilu.training.summary import write_ended
+    from zhilu.training.summary import note_resumed, write_ended
 
     run_dir = Path(cfg.run.out)
     sent = None if spec.source is not None else spec  # a --model spec is resolved again in each process
@@ -43,6 +44,9 @@ def supervise(cfg: JobConfig, plan: Plan, spec: ModelSpec) -> dict[str, Any] | N
                                     cfg.launch.port)
             except WorkerFailed as e:
                 cause, reached = _cause(e, run_dir)
+                note_resumed(history, watchdog.resumed_from(run_dir))  # the workers' copy is gone
+                if e.traceback:
+                    print(f"zhilu: rank {e.rank} raised:\n{e.traceback.rstrip()}", file=sys.stderr, flush=True)
                 remove_partial_saves(run_dir)
                 if attempt == restarts:
                     write_ended(run_dir, "failed", cause, history, reached)
@@ -53,6 +57,7 @@ def supervise(cfg: JobConfig, plan: Plan, spec: ModelSpec) -> dict[str, Any] | N
                       f"(restart {attempt + 1} of {restarts})", flush=True)
                 continue
             except Interrupted as e:
+                note_resumed(history, watchdog.resumed_from(run_dir))
                 remove_partial_saves(run_dir)
                 reached = last_step(run_dir)
                 write_ended(run_dir, "interrupted", f"stopped by {e}", history, reached)

@@ -8,9 +8,11 @@
     kill:rank=0:save=4:write=2    rank 0 is killed at its 2nd file write of the save at step 4
     fail:rank=0:save=4:write=2    ... that write raises OSError instead
     flip:save=4                   once the save at step 4 is complete, a byte of its data flips
+    kill:rank=1:step=5:attempt=1  ... on the job's second attempt (its first restart)
 
-A fault fires on the job's first attempt only (a restarted job runs clean), and ``rank``
-defaults to 0. Steps count from 1 (the step being computed), batches from 0.
+A fault fires on the job's first attempt only (``attempt=0``; a restarted job runs clean)
+unless it names another, and ``rank`` defaults to 0. Steps count from 1 (the step being
+computed), batches from 0.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 
 ENV = "ZHILU_FAULTS"
 KINDS = ("kill", "stop", "nan", "fail", "flip")
+KEYS = ("rank", "step", "save", "write", "batch", "attempt")
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,7 @@ class Fault:
     save: int = 0  # the step whose save is hit (kill, fail with write)
     write: int = 0  # which file write of that save, from 1
     batch: int = -1  # the batch whose loss is NaN (nan)
+    attempt: int = 0  # the attempt it fires on (0: the first)
 
 
 def parse(text: str) -> list[Fault]:
@@ -43,8 +47,8 @@ def parse(text: str) -> list[Fault]:
         values = {}
         for pair in pairs:
             key, _, value = pair.partition("=")
-            if key not in ("rank", "step", "save", "write", "batch") or not value.isdigit():
-                raise ValueError(f"{ENV}: {pair!r} in {item!r}; valid: rank=N, step=N, save=N, write=N, batch=N")
+            if key not in KEYS or not value.isdigit():
+                raise ValueError(f"{ENV}: {pair!r} in {item!r}; valid: {', '.join(k + '=N' for k in KEYS)}")
             values[key] = int(value)
         faults.append(Fault(kind, **values))
     return faults
@@ -54,8 +58,7 @@ class Faults:
     """The faults meant for this rank on this attempt."""
 
     def __init__(self, rank: int, attempt: int) -> None:
-        text = os.environ.get(ENV, "") if attempt == 0 else ""
-        self.faults = [f for f in parse(text) if f.rank == rank]
+        self.faults = [f for f in parse(os.environ.get(ENV, "")) if f.rank == rank and f.attempt == attempt]
         self.saving, self.writes = 0, 0
 
     def at_step(self, step: int) -> None:
@@ -93,4 +96,4 @@ class Faults:
                     raise OSError(f"{ENV}: write {self.writes} of the save at step {self.saving} failed")
 
 
-NONE = Faults(0, 1)  # no faults
+NONE = Faults(0, -1)  # no faults (no attempt is numbered -1)

@@ -35,6 +35,15 @@ def recovery(history: list[dict[str, Any]]) -> dict[str, Any]:
             "steps_recomputed": sum(h.get("steps_recomputed") or 0 for h in history)}
 
 
+def note_resumed(history: list[dict[str, Any]], step: int | None) -> None:
+    """Record in the last restart cause that its attempt continued from the checkpoint of ``step``
+    (once: the ranks and the launcher both call this)."""
+    if history and step is not None and "resumed_from_step" not in history[-1]:
+        last = history[-1]
+        last["resumed_from_step"] = step
+        last["steps_recomputed"] = max(0, (last.get("reached_step") or step) - step)
+
+
 def write_ended(run_dir: Path, ended: str, error: str, history: list[dict[str, Any]],
                 last_step: int | None = None) -> dict[str, Any]:
     """The launcher's summary of a run its ranks could not summarise (out of restarts, interrupted)."""

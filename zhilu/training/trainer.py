@@ -53,7 +53,7 @@ from zhilu.training.faults import Faults
 from zhilu.training.metrics import MetricsFile, write_json
 from zhilu.training.optim import build_optimizer, clip_grad_norm, lr_at, set_lr
 from zhilu.training.report import print_memory, print_summary
-from zhilu.training.summary import run_summary
+from zhilu.training.summary import note_resumed, run_summary
 from zhilu.training.watchdog import Watchdog
 
 def run(cfg: JobConfig, plan: Plan, spec: ModelSpec | None = None, attempt: int = 0,
@@ -118,10 +118,10 @@ class Trainer:
             path = self.checkpointer.newest_good(say=self._say)
             if path is not None:
                 self.restore(path)
-        if self.history and "resumed_from_step" not in self.history[-1]:
-            last = self.history[-1]
-            last["resumed_from_step"] = self.step
-            last["steps_recomputed"] = max(0, (last.get("reached_step") or self.step) - self.step)
+        if self.history:
+            note_resumed(self.history, self.step)
+            if self.watchdog is not None:
+                self.watchdog.resumed(self.step)
         self.seq_len = t.seq_len if spec.is_language_model else 0
         self.items_per_step = t.global_batch * (self.seq_len or 1)  # tokens, or samples
         self.flops_per_item = self._flops_per_item()
@@ -175,6 +175,7 @@ class Trainer:
         if bad:
             return bad, total, norm
         self.step += 1
+        self._phase(self.step, "end")  # complete: what a crash from here on leaves to recompute
         if self.averaging is not None:
             self.averaging.after_step(self.step)
         return bad, total, norm

@@ -4,9 +4,11 @@ Each rank runs one :class:`Watchdog`. The main thread only records where it is
 (:meth:`Watchdog.phase`, :meth:`Watchdog.step_done`: attribute writes, no I/O); a daemon
 thread wakes every ``beat_s`` and writes ``RUN/heartbeat/rank-R.json`` atomically::
 
-    {"rank", "pid", "host", "step", "phase", "phase_since", "beat"}
+    {"rank", "pid", "host", "step", "phase", "phase_since", "beat", "resumed_from"}
 
-``phase_since`` is when the current phase began and ``beat`` is now (both ``time.time()``).
+``phase_since`` is when the current phase began and ``beat`` is now (both ``time.time()``);
+``resumed_from`` is the step of the checkpoint this attempt continued from (null before it
+has loaded one), so the launcher can count recomputed steps of an attempt that died.
 When this rank has been in one phase longer than :meth:`Watchdog.bound`, the thread reads
 every rank's heartbeat and names the culprit:
 
@@ -51,7 +53,7 @@ from typing import Any
 HUNG_EXIT_CODE = 124  # the exit status `timeout` uses
 HANG_FILE = "hang.json"
 # Order of the phases within one step, to find the rank furthest behind; unknown names sort last.
-PHASES = ("start", "load", "forward", "backward", "optimizer", "eval", "save")
+PHASES = ("start", "load", "forward", "backward", "optimizer", "end", "eval", "save")
 # Phases that may legitimately take long: startups compile, saves and loads move big files.
 SLOW_PHASES = frozenset({"start", "load", "save"})
 MIN_BOUND_S = 60.0  # floor of the derived bound: scheduler noise, a slow file system
@@ -103,6 +105,12 @@ def last_steps(run_dir: Path) -> dict[int, int]:
 _IN_STEP = ("forward", "backward", "optimizer")
 
 
+def resumed_from(run_dir: Path) -> int | None:
+    """The step of the checkpoint the ranks of the current attempt continued from, if known."""
+    steps = [beat["resumed_from"] for beat in _heartbeats(run_dir).values() if beat.get("resumed_from") is not None]
+    return min(steps, default=None)
+
+
 def pids(run_dir: Path) -> dict[int, int]:
     """Each rank's process id, from the heartbeat files."""
     return {rank: int(beat["pid"]) for rank, beat in _heartbeats(run_dir).items() if "pid" in beat}
@@ -127,6 +135,8 @@ class Watchdog:
         self.path = self.dir / f"rank-{rank}.json"
         self._tmp = self.dir / f".rank-{rank}.json.tmp"
         self._state: tuple[int, str, float] = (0, "start", time.time())  # replaced whole: atomic
+        self._resumed_from: int | None = None
+        self._write_lock = threading.Lock()  # resumed() writes from the main thread
         self._steps: deque[float] = deque(maxlen=STEP_WINDOW)
         self._steps_lock = threading.Lock()
         self._stop = threading.Event()
@@ -160,6 +170,11 @@ class Watchdog:
             return max(self.startup_timeout_s, normal)
         return normal
 
+    def resumed(self, step: int) -> None:
+        """This attempt continues from the checkpoint of ``step`` (recorded at once)."""
+        self._resumed_from = step
+        self._write(self._record(time.time()))
+
     def close(self) -> None:
         """Stop the thread and remove this rank's heartbeat file."""
         self._stop.set()
@@ -189,20 +204,26 @@ class Watchdog:
     def _record(self, now: float) -> dict[str, Any]:
         step, name, since = self._state
         return {"rank": self.rank, "pid": self.pid, "host": self.host, "step": step, "phase": name,
-                "phase_since": since, "beat": now}
+                "phase_since": since, "beat": now, "resumed_from": self._resumed_from}
+
+    def _write(self, mine: dict[str, Any]) -> None:
+        with self._write_lock:
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                self._tmp.write_text(json.dumps(mine))
+                if self._stop.is_set():  # close() ran meanwhile: leave no file behind
+                    self._tmp.unlink()
+                    return
+                os.replace(self._tmp, self.path)
+            except OSError:
+                pass
 
     def _beat(self) -> None:
         now = time.time()
         mine = self._record(now)
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            self._tmp.write_text(json.dumps(mine))
-            if self._stop.is_set():  # close() ran meanwhile: leave no file behind
-                self._tmp.unlink()
-                return
-            os.replace(self._tmp, self.path)
-        except OSError:
-            pass
+        self._write(mine)
+        if self._stop.is_set():
+            return
         bound = self.bound()
         if now - mine["phase_since"] > bound:
             verdict = self._culprit(mine, now)
