@@ -1,6 +1,7 @@
 """Local processes under torch elastic (the engine under torchrun).
 
-``run_local`` starts N processes (spawned) for one attempt of a job: they
+``run_local`` starts N processes for one attempt of a job, forked from a forkserver that has
+imported torch and the job's module once (the next attempt forks from the same one): they
 meet through a rendezvous file in a private temporary folder (no TCP store of the launcher
 listens anywhere) and rank 0's store listens on 127.0.0.1 only
 (:func:`zhilu.parallel.mesh.join_group`). Restarts are :mod:`zhilu.launch.supervise`'s; under
@@ -10,9 +11,11 @@ listens anywhere) and rank 0's store listens on 127.0.0.1 only
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import signal
 import tempfile
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +23,8 @@ from typing import Any
 
 
 STORE_PORT = "ZHILU_STORE_PORT"  # read by zhilu.parallel.mesh in the workers
+MONITOR_INTERVAL_S = 0.2  # how often torch elastic's agent polls the workers
+FAILED_WORKER_WAIT_S = 5 * MONITOR_INTERVAL_S
 
 
 class TrainingFailed(Exception):
@@ -70,6 +75,9 @@ def run_local(fn: Callable[..., Any], args: tuple, nproc: int, port: int = 0) ->
         logging.getLogger(name).setLevel(logging.CRITICAL)
     if port:
         os.environ[STORE_PORT] = str(port)
+    # Forked from a clean, single-threaded server, not from this process (whose OpenMP pool
+    # may be running): each worker starts without importing torch again.
+    multiprocessing.set_forkserver_preload(["torch", fn.__module__])
     with tempfile.TemporaryDirectory(prefix="zhilu-rdzv-") as folder:
         config = LaunchConfig(
             min_nodes=1,
@@ -81,11 +89,11 @@ def run_local(fn: Callable[..., Any], args: tuple, nproc: int, port: int = 0) ->
             rdzv_configs={"store_type": "file"},
             local_addr="127.0.0.1",
             max_restarts=0,
-            start_method="spawn",
-            monitor_interval=0.2,
+            start_method="forkserver",
+            monitor_interval=MONITOR_INTERVAL_S,
         )
         try:
-            return elastic_launch(config, fn)(*args)
+            return elastic_launch(config, _worker)(fn, *args)
         except SignalException as e:
             raise Interrupted(int(e.sigval)) from None
         except ChildFailedError as e:
@@ -94,6 +102,22 @@ def run_local(fn: Callable[..., Any], args: tuple, nproc: int, port: int = 0) ->
             raised = failure.message if isinstance(failure.message, dict) else {}  # from the worker's error file
             raise WorkerFailed(rank, failure.exitcode, "" if name == "<N/A>" else name, raised.get("message", ""),
                                raised.get("extraInfo", {}).get("py_callstack", "")) from None
+
+
+def _worker(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` in a worker; a worker that raises waits a moment before it ends.
+
+    A rank whose peer is killed fails within milliseconds (its collective finds the socket
+    closed), and forked workers end at once; the agent, polling every 0.2 s, would often see
+    both ends together and name the lowest rank, not the one that died. Waiting lets it see
+    the dead rank first; a rank with an error of its own is still named first, because its
+    peers fail only once it has ended.
+    """
+    try:
+        return fn(*args)
+    except Exception:
+        time.sleep(FAILED_WORKER_WAIT_S)
+        raise
 
 
 def _first_failure(e: Any) -> tuple[int, Any]:
