@@ -11,10 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 
+from zhilu.config import load_config
 from zhilu.models.gpt import build_model
 from zhilu.models.presets import preset
 from zhilu.training.checkpoint import latest_checkpoint, load_model
+from zhilu.training.checkpoint_files import read_manifest
+from zhilu.training.dcp_reader import CheckpointReader
 
 # A model small enough that a 10-step, 2-process run takes seconds.
 MICRO = [
@@ -38,12 +42,14 @@ def final_params(out: Path, n_layers: int) -> dict[str, torch.Tensor]:
 
 
 def assert_same_run(run: Path, reference: Path, steps: int, n_layers: int) -> None:
-    """Per-step losses within a relative 1e-5 and final parameters within 1e-5 of the reference.
+    """Per-step losses within a relative 1e-5, and final parameters within 1e-6 of the reference.
 
-    Parameters (of size 0.02 to 1) are compared by absolute difference: AdamW divides each
-    gradient by sqrt(v) + eps, so for a component whose gradient is near zero (~1e-11, a byte
-    seen once) a fp32 rounding difference of ~1e-9, from a different reduction order, moves
-    that weight by up to lr * 1e-9 / eps ~ 1e-6. That is rounding, not a different computation.
+    Except for the few parameters whose gradient is at rounding level (a byte the batches
+    almost never use): AdamW moves such a component by lr * g / (sqrt(v) + eps), and with
+    sqrt(v) below eps (1e-8) that is lr times the rounding error of g divided by 1e-8, so a
+    different reduction order changes it by up to about lr per step. Those components, found
+    from the reference's own second moment v, are held to what AdamW can move them at all
+    (lr per step); a different computation changes the others by far more than 1e-6.
     """
     got = torch.tensor(losses(run), dtype=torch.float64)
     want = torch.tensor(losses(reference), dtype=torch.float64)
@@ -51,8 +57,25 @@ def assert_same_run(run: Path, reference: Path, steps: int, n_layers: int) -> No
     torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
     params, ref_params = final_params(run, n_layers), final_params(reference, n_layers)
     assert params.keys() == ref_params.keys()
+    cfg = load_config(str(reference / "config.toml"))
+    rms = gradient_rms(reference, ref_params, cfg.train.beta2, steps)
     for name, p in params.items():
-        torch.testing.assert_close(p, ref_params[name], rtol=0, atol=1e-5, msg=name)
+        settled = rms[name] >= ADAMW_EPS
+        torch.testing.assert_close(p[settled], ref_params[name][settled], rtol=0, atol=1e-6, msg=name)
+        torch.testing.assert_close(p[~settled], ref_params[name][~settled], rtol=0, atol=cfg.train.lr * steps,
+                                   msg=f"{name}, gradient at rounding level")
+
+
+ADAMW_EPS = 1e-8  # zhilu.training.optim
+
+
+def gradient_rms(run: Path, params: dict[str, torch.Tensor], beta2: float, steps: int) -> dict[str, torch.Tensor]:
+    """Each parameter component's root-mean-square gradient, from AdamW's bias-corrected second
+    moment in the run's latest checkpoint."""
+    path = latest_checkpoint(run)
+    state = {"optim": {f"state.{k}.exp_avg_sq": torch.empty_like(v) for k, v in params.items()}}
+    dcp.load(state, storage_reader=CheckpointReader(path, set(read_manifest(path)["files"])), no_dist=True)
+    return {k: (state["optim"][f"state.{k}.exp_avg_sq"] / (1 - beta2**steps)).sqrt() for k in params}
 
 
 def zhilu(*args: str, env: dict[str, str] | None = None, timeout: float = 240) -> subprocess.CompletedProcess[str]:
