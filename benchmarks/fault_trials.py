@@ -11,9 +11,12 @@ moment, one of:
 * ``save``: ... at a random file write of a random save (synchronous checkpoints);
 * ``async``: ... the same with ``checkpoint.async = true`` (the write is in the background);
 * ``wall``: this script SIGKILLs the victim's process from outside after a random delay
-  (any moment at all: mid-step, mid-collective, mid-write);
+  (any moment at all: start-up, mid-step, mid-collective, mid-write);
 * ``all``: this script SIGKILLs the launcher and every rank at once after a random delay,
   then resumes the run by hand with ``--resume``.
+
+The delays are drawn over the uninterrupted run's own duration (10% to 100% of it); a kill
+that comes after the run has ended is counted as missed, not as passed.
 
 Runs use ``--max-restarts 2`` and a checkpoint every 2 steps. A trial passes when the run
 finishes with ``final_params_sha256`` equal to the uninterrupted run's (same world size) and
@@ -54,15 +57,17 @@ def summary(out: Path) -> dict:
     return json.loads((out / "summary.json").read_text())
 
 
-def kill_from_outside(args: list[str], out: Path, delay: float, victim: int | None) -> None:
+def kill_from_outside(args: list[str], out: Path, delay: float, victim: int | None) -> bool:
     """Start the run; after ``delay`` s SIGKILL rank ``victim`` (its pid from the heartbeats),
-    or, with None, the launcher and every rank at once."""
+    or, with None, the launcher and every rank at once. Whether the kill came before the end."""
     env = {k: v for k, v in os.environ.items() if k != "TORCHELASTIC_RUN_ID"}
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT,
                             start_new_session=True)
     time.sleep(delay)
+    hit = False
     try:
         if victim is None:
+            hit = proc.poll() is None
             os.killpg(proc.pid, signal.SIGKILL)
         else:
             beat = out / "heartbeat" / f"rank-{victim}.json"
@@ -70,13 +75,16 @@ def kill_from_outside(args: list[str], out: Path, delay: float, victim: int | No
                 time.sleep(0.05)
             if proc.poll() is None:
                 os.kill(json.loads(beat.read_text())["pid"], signal.SIGKILL)
+                hit = True
         proc.wait(timeout=600)
+        return hit
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def trial(rng: random.Random, root: Path, reference: dict[int, str]) -> tuple[bool, str]:
+def trial(rng: random.Random, root: Path, reference: dict[int, str], wall: dict[int, float]) -> tuple[bool | None, str]:
+    """(passed, or None when the kill came after the run had ended; one line)."""
     nproc = rng.choice((2, 4))
     victim, kind = rng.randrange(nproc), rng.choice(KINDS)
     out = root / f"trial-{rng.random():.6f}"
@@ -93,14 +101,17 @@ def trial(rng: random.Random, root: Path, reference: dict[int, str]) -> tuple[bo
         if kind == "async":
             args += ["--checkpoint.async", "true"]
     else:
-        at = f"{rng.uniform(4, 14):.1f} s"
-        kill_from_outside(args, out, float(at.split()[0]), None if kind == "all" else victim)
+        delay = rng.uniform(0.1, 1.0) * wall[nproc]
+        at = f"{delay:.1f} s"
+        if not kill_from_outside(args, out, delay, None if kind == "all" else victim):
+            return None, f"{nproc} ranks, {kind} kill at {at}: missed (the run had ended)"
     if kind in ("step", "save", "async"):
         result = run(args, env)
     else:
-        # killed all at once (or the launcher gave up): resume by hand; before the first
-        # checkpoint that starts the run again
-        result = run(args + ["--resume"]) if kind == "all" or not (out / "summary.json").exists() else None
+        # killed all at once (or the launcher gave up): resume by hand, unless it had finished
+        # (before the first checkpoint that starts the run again)
+        ended = (out / "summary.json").exists() and summary(out)["ended"]
+        result = run(args + ["--resume"]) if ended != "finished" else None
     what = f"{nproc} ranks, {kind} kill of rank {victim if kind != 'all' else 'all'} at {at}"
     if result is not None and result.returncode != 0:
         return False, f"{what}: exit {result.returncode}: {result.stderr.strip().splitlines()[-1:]}"
@@ -118,17 +129,22 @@ def main() -> None:
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory(prefix="zhilu-fault-trials-") as folder:
         root = Path(folder)
-        reference = {}
+        reference, wall = {}, {}
         for n in (2, 4):
+            start = time.monotonic()
             result = run(command(root / f"reference-{n}", n))
+            wall[n] = time.monotonic() - start
             assert result.returncode == 0, result.stderr[-3000:]
             reference[n] = summary(root / f"reference-{n}")["final_params_sha256"]
-        passed = 0
+            print(f"uninterrupted run, {n} ranks: {wall[n]:.1f} s", flush=True)
+        passed = missed = 0
         for i in range(args.trials):
-            ok, line = trial(rng, root, reference)
-            passed += ok
+            ok, line = trial(rng, root, reference, wall)
+            passed += bool(ok)
+            missed += ok is None
             print(f"trial {i + 1:>3}: {line}", flush=True)
-        print(f"{passed}/{args.trials} trials ended bitwise equal to the uninterrupted run")
+        print(f"{passed}/{args.trials - missed} trials ended bitwise equal to the uninterrupted run"
+              f"{f' ({missed} kills came after the run had ended)' if missed else ''}")
 
 
 if __name__ == "__main__":

@@ -212,13 +212,7 @@ def test_out_of_restarts_the_launcher_writes_the_summary(tmp_path: Path) -> None
 
 def test_sigterm_stops_every_worker_and_the_run_resumes(reference: dict[int, str], tmp_path: Path) -> None:
     out = tmp_path / "run"
-    args = [sys.executable, "-m", "zhilu", "train", *MICRO, *JOB, "--nproc", "2", "--out", str(out)]
-    env = {k: v for k, v in os.environ.items() if k != "TORCHELASTIC_RUN_ID"}
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
-    while not (out / "checkpoints" / "step-00000002" / "manifest.json").exists():
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        time.sleep(0.05)
+    proc = _past_first_checkpoint(out, "--nproc", "2")
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
@@ -232,13 +226,7 @@ def test_sigterm_stops_every_worker_and_the_run_resumes(reference: dict[int, str
 
 def test_sigusr1_checkpoints_at_the_next_step_and_stops(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    args = [sys.executable, "-m", "zhilu", "train", *MICRO, *JOB, "--steps", "400", "--out", str(out)]
-    env = {k: v for k, v in os.environ.items() if k != "TORCHELASTIC_RUN_ID"}
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
-    while not (out / "checkpoints" / "step-00000002" / "manifest.json").exists():
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        time.sleep(0.05)
+    proc = _past_first_checkpoint(out, "--steps", "400")
     proc.send_signal(signal.SIGUSR1)  # what Slurm's --signal=USR1@SECONDS sends before a pre-emption
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr[-3000:]
@@ -250,14 +238,8 @@ def test_sigusr1_checkpoints_at_the_next_step_and_stops(tmp_path: Path) -> None:
 
 def test_no_socket_of_a_local_job_listens_beyond_loopback(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    args = [sys.executable, "-m", "zhilu", "train", *MICRO, *JOB, "--steps", "400", "--nproc", "2", "--out", str(out)]
-    env = {k: v for k, v in os.environ.items() if k != "TORCHELASTIC_RUN_ID"}
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-                            start_new_session=True)
+    proc = _past_first_checkpoint(out, "--steps", "400", "--nproc", "2")
     try:
-        while not (out / "checkpoints" / "step-00000002" / "manifest.json").exists():
-            assert proc.poll() is None
-            time.sleep(0.05)
         listening = _listening_sockets(proc.pid)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -265,6 +247,18 @@ def test_no_socket_of_a_local_job_listens_beyond_loopback(tmp_path: Path) -> Non
     assert listening, "the job listens nowhere: nothing was checked"
     beyond = [(host, port) for host, port in listening if host not in ("127.0.0.1", "::1")]
     assert beyond == []
+
+
+def _past_first_checkpoint(out: Path, *extra: str) -> subprocess.Popen[str]:
+    """A run started in a session of its own, once its checkpoint of step 2 is complete."""
+    args = [sys.executable, "-m", "zhilu", "train", *MICRO, *JOB, *extra, "--out", str(out)]
+    env = {k: v for k, v in os.environ.items() if k != "TORCHELASTIC_RUN_ID"}
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    while not (out / "checkpoints" / "step-00000002" / "manifest.json").exists():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    return proc
 
 
 def _listening_sockets(pgid: int) -> list[tuple[str, int]]:
