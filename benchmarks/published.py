@@ -1,4 +1,4 @@
-"""Predict every published training run in ``shared/published`` and print the error.
+"""Predict every published training run in ``benchmarks/published/`` and print the error.
 
     python benchmarks/published.py [--published DIR]
 
@@ -33,7 +33,7 @@ from zhilu.perf.software import Software  # noqa: E402
 from zhilu.perf.step import StepModel  # noqa: E402
 from zhilu.plan import Plan  # noqa: E402
 
-DEFAULT_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "published"
+DEFAULT_DIR = Path(__file__).resolve().parent / "published"  # a copy of the project's shared/published
 
 # --- the software that produced each source ---------------------------------------------------
 # Megatron-LM 2020 (Shoeybi et al.): fused kernels (scale-mask-softmax, bias-GeLU, Apex layer

@@ -9,10 +9,10 @@ from zhilu.perf.device import Cluster, Device, Link
 from zhilu.perf.rates import AttentionPoint, MatmulPoint, fit_matmul_tflops
 
 # Achieved copy bandwidth = 0.881 x datasheet: the H200 measurement in
-# shared/published/h200_ceilings_measured.json copies at 4230 of 4800 GB/s.
+# benchmarks/published/h200_ceilings_measured.json copies at 4230 of 4800 GB/s.
 COPY_EFFICIENCY = 4230.2 / 4800.0
 
-# H200 bf16 products measured with PyTorch 2.11 (shared/published/h200_ceilings_measured.json).
+# H200 bf16 products measured with PyTorch 2.11 (benchmarks/published/h200_ceilings_measured.json).
 _H200_MATMUL = tuple(MatmulPoint(m, n, k, t) for m, n, k, t in (
     (256, 256, 256, 1.6), (512, 512, 512, 12.0), (1024, 1024, 1024, 96.7), (2048, 2048, 2048, 695.3),
     (4096, 4096, 4096, 794.1), (8192, 8192, 8192, 802.9), (16384, 16384, 16384, 710.5),
