@@ -169,3 +169,11 @@ def test_resume_of_a_directory_without_a_run_is_refused(tmp_path: Path) -> None:
     assert_one_line_error(result, "run.out")
     assert "no zhilu run to resume" in result.stderr
     assert _tree(notes) == {"todo.txt": b"keep me"}
+
+
+def test_resume_of_a_directory_that_holds_nothing_yet_starts_the_run(tmp_path: Path) -> None:
+    out = tmp_path / "requeued"  # a job killed before it wrote anything, then requeued with --resume
+    result = zhilu("train", *MICRO, *JOB, "--out", str(out), "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"zhilu: {out} holds no run yet; it starts from step 0" in result.stderr
+    assert len(losses(out)) == 3

@@ -45,9 +45,10 @@ TRAJECTORY = {
 def check(out: Path, resume: bool, restarted: bool, locks: bool, steps: int | None = None) -> None:
     """Refuse ``out`` unless this job may write it (``locks``: this process is the one that takes the lock).
 
-    ``--resume`` needs a zhilu run; with no checkpoint yet it starts again, and one that finished
-    (a checkpoint of its last step, ``steps``, and a summary saying so) has nothing left to do. A run that torchrun
-    restarted continues from its newest good checkpoint, or from the start if it has none."""
+    ``--resume`` needs a zhilu run or nothing (a job requeued after a kill in its first
+    seconds); with no checkpoint yet the run starts again, and one that finished (a checkpoint
+    of its last step, ``steps``, and a summary saying so) has nothing left to do. A run that
+    torchrun restarted continues from its newest good checkpoint, or from the start if it has none."""
     from zhilu.training.checkpoint_files import candidates
 
     problem = unwritable(out, directory=True)
@@ -75,10 +76,9 @@ def check(out: Path, resume: bool, restarted: bool, locks: bool, steps: int | No
     # Which checkpoint is good is decided by the ranks, which check every file (in parallel)
     # and fall back past damaged ones; here only whether there is anything to continue.
     paths, _ = candidates(out)
-    if not paths:
-        if not (out / CONFIG).is_file():
-            raise ZhiluError("checkpoint.resume", f"{out} has no checkpoint to resume from; run without --resume")
-        print(f"zhilu: {out} has no checkpoint yet; its run starts again from step 0", file=sys.stderr)
+    if not paths:  # killed before its first checkpoint (or before it wrote anything): start it
+        what = "has no checkpoint yet; its run starts again" if (out / CONFIG).is_file() else "holds no run yet; it starts"
+        print(f"zhilu: {out} {what} from step 0", file=sys.stderr)
         return
     step = next((m["step"] for m in map(_manifest_or_none, paths) if m is not None), None)
     if steps is not None and isinstance(step, int) and step >= steps and _ended(out) == "finished":
