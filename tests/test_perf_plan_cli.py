@@ -9,9 +9,11 @@ import pytest
 
 from zhilu.errors import ZhiluError
 from zhilu.perf import plan_cli
+from zhilu.plan import Plan
 
-PLAN_KEYS = {"dp", "tp", "pp", "zero", "micro_batch", "mb", "schedule", "recompute", "step_time_s", "tokens_per_s",
-             "model_tflops_per_gpu", "mfu", "peak_tflops", "memory_gib_per_device", "fits", "breakdown"}
+PLAN_KEYS = {"plan", "dp", "tp", "pp", "zero", "sp", "micro_batch", "mb", "schedule", "vstages", "recompute",
+             "precision", "step_time_s", "tokens_per_s", "model_tflops_per_gpu", "mfu", "peak_tflops",
+             "memory_gib_per_device", "fits", "breakdown"}
 BREAKDOWN_KEYS = {"compute", "recompute", "tp_comm", "pp_comm", "dp_comm_exposed", "bubble", "optimizer", "other"}
 JOB = ["--model", "llama3-8b", "--seq-len", "4096", "--global-batch", "64", "--gpus", "16", "--hardware", "h100-sxm"]
 
@@ -37,6 +39,16 @@ def test_json_is_the_contract(capsys):
     assert times == sorted(times)
 
 
+def test_each_plan_comes_with_the_spec_that_trains_it(capsys):
+    plan(*JOB, "--json", "--top", "5", "--pp", "2")
+    for p in json.loads(capsys.readouterr().out)["plans"]:
+        parsed = Plan.parse(p["plan"], 16).to_dict()  # what zhilu train --plan reads
+        shared = parsed.keys() & p.keys()
+        assert shared >= {"dp", "tp", "pp", "zero", "sp", "mb", "schedule", "vstages", "recompute", "precision"}
+        assert {k: parsed[k] for k in shared} == {k: p[k] for k in shared}
+        assert p["precision"] == "bf16"  # resolved for the H100, not "auto"
+
+
 def test_given_degrees_give_exactly_that_plan(capsys):
     plan(*JOB, "--json", "--dp", "2", "--tp", "8", "--pp", "1", "--zero", "1", "--micro-batch", "4",
          "--schedule", "1f1b", "--recompute", "selective")
@@ -54,10 +66,19 @@ def test_a_model_by_shape_and_the_time_to_train(capsys):
     assert p["energy_kwh"] == pytest.approx(p["device_hours"] * 60 / 1000)
 
 
-def test_the_table(capsys):
-    assert plan(*JOB, "--top", "2", "--tokens", "1e12") == 0
+def test_the_table_fits_100_columns_and_gives_each_row_its_spec(capsys):
+    assert plan("--layers", "128", "--hidden", "25600", "--heads", "160", "--vocab", "51200", "--seq-len", "2048",
+                "--global-batch", "1536", "--gpus", "3072", "--hardware", "a100-80gb", "--top", "3",
+                "--tokens", "1e12") == 0
     out = capsys.readouterr().out
-    assert "MFU" in out and "device-hours" in out and "MWh" in out
+    assert "MFU" in out and "GiB/dev" in out and "device-hours" in out and "MWh" in out
+    table = out[:out.index("b x mb:")].splitlines()
+    assert max(map(len, table)) <= 100
+    rows = [line for line in table if line[:3].strip().isdigit()]
+    assert len(rows) == 3  # one line each
+    specs = out[out.index("zhilu train --plan SPEC for each row:"):].splitlines()[1:4]
+    assert [line.split()[0] for line in specs] == ["1", "2", "3"]
+    assert all(Plan.parse(line.split()[1], 3072).world_size == 3072 for line in specs)
 
 
 @pytest.mark.parametrize("argv,field", [

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from dataclasses import replace
 from typing import Any
 
@@ -27,6 +28,7 @@ from zhilu.perf.search import search
 from zhilu.perf.step import Estimate
 from zhilu.plan import PRECISIONS, RECOMPUTE, SCHEDULES
 
+WIDTH = 100  # columns of the table when the output is not a terminal (a file, a pipe)
 SHORT = {"compute": "compute", "recompute": "recompute", "tp_comm": "tp", "pp_comm": "pp", "dp_comm_exposed": "dp",
          "bubble": "bubble", "optimizer": "optimizer", "other": "other"}
 # flags that pin the plan: their destinations, and the search field each pins (zhilu.plan.Plan's,
@@ -139,7 +141,7 @@ def _distinct(estimates: list[Estimate], top: int) -> list[Estimate]:
     out: list[Estimate] = []
     for e in estimates:
         p = e.plan
-        key = (p.dp, p.tp, p.pp, p.zero, e.micro_batch, p.schedule, p.recompute)
+        key = (p.dp, p.tp, p.pp, p.zero, p.sp, e.micro_batch, p.schedule, p.vstages, p.recompute, p.precision)
         if key not in seen:
             seen.add(key)
             out.append(e)
@@ -166,34 +168,48 @@ def _json(estimates: list[Estimate], tokens: float | None, power_w: float) -> di
 
 def _table(estimates: list[Estimate], model: Transformer, hw: Cluster, global_batch: int,
            tokens: float | None) -> None:
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
     cfg = model.config
     n = cfg.num_params()
-    size = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+    size = f"{n / 1e12:.2f}T" if n >= 1e12 else f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
     title = (f"{size} parameters, {model.layers} layers, seq {model.seq_len}, "
              f"batch {global_batch} x {model.seq_len} tokens on {hw.devices} x {hw.device.name} "
              f"({hw.nodes} node{'s' * (hw.nodes > 1)} of {hw.devices_per_node})")
-    table = Table(title=title, title_justify="left")
-    for name in ("#", "dp.tp.pp", "zero", "b x mb", "schedule", "recompute", "step s", "MFU", "GiB", "time goes to"):
-        table.add_column(name, justify="left" if name in ("schedule", "recompute", "time goes to") else "right")
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)
+    precisions = sorted({e.plan.precision for e in estimates})
+    if len(precisions) == 1:
+        table.title += f", {precisions[0]}"
+    for name in ("#", "dp.tp.pp", "zero", "b x mb", "schedule", "recompute", "prec", "step s", "MFU", "GiB/dev",
+                 "time goes to"):
+        if name == "prec" and len(precisions) == 1:
+            continue
+        table.add_column(name, justify="left" if name in ("schedule", "recompute", "prec", "time goes to") else "right",
+                         no_wrap=name != "time goes to")
     for i, e in enumerate(estimates):
         p = e.plan
         schedule = "-" if p.pp == 1 else p.schedule + (f" x{p.stages_per_rank}" if p.stages_per_rank > 1 else "")
         parts = sorted(((v / e.step_time_s, k) for k, v in e.breakdown.items() if v >= 0.01 * e.step_time_s),
                        reverse=True)
         table.add_row(str(i + 1), f"{p.dp}.{p.tp}{'+sp' if p.sp else ''}.{p.pp}", str(p.zero),
-                      f"{e.micro_batch} x {p.mb}", schedule, p.recompute, f"{e.step_time_s:.3g}", f"{e.mfu:.1%}",
+                      f"{e.micro_batch} x {p.mb}", schedule, p.recompute,
+                      *([p.precision] if len(precisions) > 1 else []), f"{e.step_time_s:.3g}", f"{e.mfu:.1%}",
                       f"{e.memory_gib_per_device:.1f}" + ("" if e.fits else " !"),
-                      ", ".join(f"{SHORT[k]} {share:.0%}" for share, k in parts[:3]))
-    console = Console()
+                      " ".join(f"{SHORT[k]} {share:.0%}" for share, k in parts[:2]))
+    console = Console(width=None if sys.stdout.isatty() else WIDTH)
     console.print(table)
     peaks = sorted({(e.plan.precision, e.peak_tflops) for e in estimates})
-    console.print("b x mb: sequences per micro-batch x micro-batches per replica; MFU: model FLOP/s over the peak of "
+    console.print("b x mb: sequences per micro-batch x micro-batches per replica; step s: seconds per optimizer step; "
+                  "MFU: model FLOP/s over the peak of "
                   + ", ".join(f"{peak:g} TFLOP/s {precision}" for precision, peak in peaks) + f" per {hw.device.name}; "
-                  "time goes to: share of the step (tp/pp: exposed tensor/pipeline-parallel traffic; dp: exposed "
-                  "data-parallel traffic); GiB ! = does not fit")
+                  "GiB/dev: memory per device (weights, gradients, optimizer state, activations, buffers), "
+                  "! = does not fit; time goes to: share of the step (tp/pp: exposed tensor/pipeline-parallel "
+                  "traffic; dp: exposed data-parallel traffic)")
+    console.print("zhilu train --plan SPEC for each row:")
+    for i, e in enumerate(estimates):
+        console.print(f"  {i + 1}  {e.plan.spec()}", soft_wrap=True)
     if tokens is not None and estimates:
         t = _training(estimates[0], tokens, hw.devices, hw.device.power_w)
         console.print(f"Plan 1 trains {tokens:.3g} tokens in {t['time_to_train_s'] / 86400:.2f} days: "

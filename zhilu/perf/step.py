@@ -55,10 +55,13 @@ class Estimate:
         return self.plan.spec()
 
     def as_dict(self) -> dict[str, object]:
-        """The plan's entry of ``zhilu plan --json`` (DESIGN.md section 3; ``mb`` counts micro-batches)."""
+        """The plan's entry of ``zhilu plan --json`` (DESIGN.md section 3): ``plan`` is its ``--plan``
+        SPEC, ``mb`` counts micro-batches per replica (as in the SPEC), ``micro_batch`` is
+        sequences per micro-batch."""
         p = self.plan
-        return {"dp": p.dp, "tp": p.tp, "pp": p.pp, "zero": p.zero, "micro_batch": self.micro_batch, "mb": p.mb,
-                "schedule": p.schedule, "recompute": p.recompute, "step_time_s": self.step_time_s,
+        return {"plan": p.spec(), "dp": p.dp, "tp": p.tp, "pp": p.pp, "zero": p.zero, "sp": p.sp,
+                "micro_batch": self.micro_batch, "mb": p.mb, "schedule": p.schedule, "vstages": p.vstages,
+                "recompute": p.recompute, "precision": p.precision, "step_time_s": self.step_time_s,
                 "tokens_per_s": self.tokens_per_s, "model_tflops_per_gpu": self.model_tflops_per_gpu,
                 "mfu": self.mfu, "peak_tflops": self.peak_tflops, "memory_gib_per_device": self.memory_gib_per_device,
                 "fits": self.fits, "breakdown": dict(self.breakdown)}
