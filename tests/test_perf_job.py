@@ -57,6 +57,19 @@ def test_auto_is_the_fastest_runnable_plan_that_fits() -> None:
         assert p.precision == "auto" and e.plan == p.resolved("cpu")
 
 
+def test_auto_names_the_faster_plans_it_cannot_run_and_the_runners_up() -> None:
+    plan, e = job.auto(TINY, 256, 16, 4, CPU, "cpu")
+    lines = job.passed_over(TINY, 256, 16, 4, CPU, "cpu")
+    ms = [float(line.split("(")[1].split(" ms/step")[0].replace(",", "")) for line in lines]
+    over = [line for line in lines if line.startswith("passed over ")]
+    runners = [line for line in lines if line.startswith("runner-up ")]
+    assert len(over) + len(runners) == len(lines) and 1 <= len(runners) <= 2
+    assert all(": " in line for line in over)  # each says why zhilu cannot run it
+    assert all(t <= e.step_time_s * 1e3 + 0.5 for t in ms[:len(over)])
+    assert all(t >= e.step_time_s * 1e3 - 0.5 for t in ms[len(over):])
+    assert plan.spec() not in [line.split()[1] for line in runners]
+
+
 def test_hybrid_averaging_reduces_within_groups_and_averages_across_them() -> None:
     plain = job.predict(TINY, 256, 16, Plan(dp=4, avg_every=4), CPU, "cpu")
     hybrid = job.predict(TINY, 256, 16, Plan(dp=4, avg_every=4, avg_groups=2), CPU, "cpu")
@@ -97,6 +110,7 @@ def test_train_plan_auto_calibrates_once_predicts_and_reports(tmp_path: Path) ->
     assert sum(summary["predicted_breakdown"].values()) == pytest.approx(summary["predicted_step_time_s"])
     assert summary["explain"]["dominating"] in summary["predicted_breakdown"]
     assert "predicted" in result.stdout and "ms/step" in result.stdout
+    assert "\n  runner-up dp=" in result.stdout  # what --plan auto did not choose
 
     again = zhilu("train", *MICRO, "--nproc", "2", "--plan", "auto", "--steps", "1", "--out", str(tmp_path / "r2"),
                   env=env)

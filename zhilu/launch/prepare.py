@@ -156,6 +156,9 @@ def _auto_plan(cfg: JobConfig, spec: ModelSpec, hw_source: str, device: str, wor
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"plan auto: {plan.spec()}, predicted {estimate.step_time_s * 1e3:,.0f} ms/step "
               f"(the fastest that fits, on {hw_source})", flush=True)
+        for line in job.passed_over(spec.shape, cfg.train.seq_len, cfg.train.global_batch, world, cluster(hw_source),
+                                    device, nodes_of=nproc):
+            print(f"  {line}", flush=True)
     return plan
 
 

@@ -94,21 +94,10 @@ def candidates(model: GPTConfig, seq_len: int, global_batch: int, world: int, hw
                nodes_of: int | None = None) -> list[tuple[Plan, Estimate]]:
     """Every plan zhilu can run for this job that fits, fastest first by prediction; each plan
     with ``precision=auto`` (what it was predicted in on ``device_type``)."""
-    c = hw.sized(world, nodes_of)
-    found = search(Transformer(model, seq_len), c, global_batch, fixed={"precision": precision(device_type)},
-                   software=software(device_type))
-    runnable = []
-    for e in found:
-        plan = replace(e.plan, precision="auto")
-        try:
-            plan.validate(world)
-            plan.check_model(model)
-            plan.check_batch(global_batch)
-        except ZhiluError:
-            continue
-        runnable.append((plan, e))
+    runnable = [(plan, e) for plan, e, why in _ranked(model, seq_len, global_batch, world, hw, device_type, nodes_of)
+                if not why]
     if not runnable:
-        raise ZhiluError("parallel.plan", f"auto: no plan zhilu can run fits {world} x {c.device.name}; "
+        raise ZhiluError("parallel.plan", f"auto: no plan zhilu can run fits {world} x {hw.device.name}; "
                                           "give a plan, a smaller model or batch, or more devices")
     return runnable
 
@@ -117,6 +106,42 @@ def auto(model: GPTConfig, seq_len: int, global_batch: int, world: int, hw: Clus
          nodes_of: int | None = None) -> tuple[Plan, Estimate]:
     """The plan ``--plan auto`` runs: the fastest predicted among those zhilu can run that fit."""
     return candidates(model, seq_len, global_batch, world, hw, device_type, nodes_of)[0]
+
+
+def passed_over(model: GPTConfig, seq_len: int, global_batch: int, world: int, hw: Cluster, device_type: str,
+                nodes_of: int | None = None, runners_up: int = 2) -> list[str]:
+    """A line for each of the fastest plans predicted faster than :func:`auto`'s that zhilu
+    cannot run (and why; at most ``runners_up + 1``), then for the next ``runners_up`` it could
+    (and how much slower they are)."""
+    ranked = _ranked(model, seq_len, global_batch, world, hw, device_type, nodes_of)
+    chosen = next((i for i, (_, _, why) in enumerate(ranked) if not why), None)
+    if chosen is None:
+        return []
+    best = ranked[chosen][1].step_time_s
+    lines = [f"passed over {plan.spec()} ({e.step_time_s * 1e3:,.0f} ms/step): {why}"
+             for plan, e, why in ranked[:chosen][:runners_up + 1]]
+    slower = [(plan, e) for plan, e, why in ranked[chosen + 1:] if not why][:runners_up]
+    return lines + [f"runner-up {plan.spec()} ({e.step_time_s * 1e3:,.0f} ms/step, {e.step_time_s / best - 1:+.0%})"
+                    for plan, e in slower]
+
+
+def _ranked(model: GPTConfig, seq_len: int, global_batch: int, world: int, hw: Cluster, device_type: str,
+            nodes_of: int | None) -> list[tuple[Plan, Estimate, str]]:
+    """Every plan that fits, fastest first, with why zhilu cannot run it ("" when it can)."""
+    found = search(Transformer(model, seq_len), hw.sized(world, nodes_of), global_batch,
+                   fixed={"precision": precision(device_type)}, software=software(device_type))
+    ranked = []
+    for e in found:
+        plan = replace(e.plan, precision="auto")
+        try:
+            plan.validate(world)
+            plan.check_model(model)
+            plan.check_batch(global_batch)
+            why = ""
+        except ZhiluError as error:
+            why = str(error)
+        ranked.append((plan, e, why))
+    return ranked
 
 
 def explain(model: GPTConfig, seq_len: int, global_batch: int, plan: Plan, hw: Cluster, device_type: str,
