@@ -29,40 +29,18 @@ from zhilu.models.presets import GPTConfig  # noqa: E402
 from zhilu.perf.flops import Transformer  # noqa: E402
 from zhilu.perf.memory import GIB  # noqa: E402
 from zhilu.perf.search import search  # noqa: E402
-from zhilu.perf.software import Software  # noqa: E402
+from zhilu.perf.software import Software, stack  # noqa: E402
 from zhilu.perf.step import StepModel  # noqa: E402
 from zhilu.plan import Plan  # noqa: E402
 
 DEFAULT_DIR = Path(__file__).resolve().parent / "published"  # a copy of the project's shared/published
 
-# --- the software that produced each source ---------------------------------------------------
-# Megatron-LM 2020 (Shoeybi et al.): fused kernels (scale-mask-softmax, bias-GeLU, Apex layer
-# norm), explicit attention with dropout, fp16 gradients all-reduced after backward by its
-# "local" DDP (--DDP-impl local, the default then: no overlap).
-MEGATRON_2020 = Software("Megatron-LM 2020", fused_kernels=True, flash_attention=False, dp_overlap=False,
-                         grad_reduce_bytes=2, p2p_scatter_gather=True, fused_projections=True, stage_split="even")
-# Megatron-LM 2022 (Korthikanti et al.): the same kernels, fp32 gradient accumulation, blocking
-# pipeline transfers that send 1/tp of an activation and all-gather it over NVLink (its default
-# scatter-gather optimisation), no data parallelism in the runs.
-MEGATRON_2022 = Software("Megatron-LM 2022", fused_kernels=True, flash_attention=False, dp_overlap=False,
-                         p2p_scatter_gather=True, fused_projections=True, stage_split="even")
-# Megatron-Core r0.8 (2024): Transformer Engine kernels and fused attention, and "DP/TP/PP
-# communication overlap on" (its README). Its DistributedDataParallel groups gradients in buckets of
-# max(40M, 1M x dp) parameters (megatron/core/distributed/distributed_data_parallel.py, bucket_size).
-MEGATRON_CORE = Software("Megatron-Core 0.8", fused_kernels=True, tp_overlap=True, pp_overlap=True,
-                         fused_projections=True, bucket_params=40_000_000, bucket_params_per_dp=1_000_000,
-                         stage_split="even")
-# torchtitan (2024): eager PyTorch with SDPA flash attention and FSDP2 prefetch; reduce in fp32.
-# "selective op" is PyTorch's per-op policy, "selective layer" checkpoints every second layer.
-# Its optimizer is PyTorch's AdamW with foreach=True (job config optimizer.fused defaults to False).
-# FSDP2 units: each layer, and the root module (embedding, final norm, output layer: apply_fsdp,
-# fully_shard(model, ...)); from 2025 the embedding and the output layer are units of their own.
-TORCHTITAN = Software("torchtitan", selective="ops", foreach_adamw=True, fsdp_output_with_embedding=True)
+# --- the software that produced each source: zhilu.perf.software's named stacks -----------------
+MEGATRON_2020, MEGATRON_2022, MEGATRON_CORE = stack("megatron-lm-2020"), stack("megatron-lm-2022"), stack("megatron")
+TORCHTITAN, TORCHTITAN_COMPILE, LLAMA3 = stack("torchtitan"), stack("torchtitan-compile"), stack("llama3")
+# torchtitan's "selective layer" option checkpoints every second layer: a recompute choice of the
+# run, not of the stack.
 TORCHTITAN_LAYER = replace(TORCHTITAN, selective="alternate")
-TORCHTITAN_COMPILE = replace(TORCHTITAN, fused_kernels=True)  # torch.compile fuses the elementwise ops
-# Llama 3 (Meta 2024): 4D parallelism with its own fused kernels, asynchronous pipeline
-# transfers and overlapped FSDP-style data parallelism (paper, Sec. 3.3).
-LLAMA3 = Software("Llama 3 training stack", fused_kernels=True, pp_overlap=True, fused_projections=True)
 
 # Grand Teton H100 (torchtitan's hosts): HBM2e 96 GB at 2.4 TB/s, power limited to 500 W, 400 Gb/s
 # RDMA per GPU. The SMs' dynamic power goes as f^3 (voltage follows frequency); about 150 W of a

@@ -9,6 +9,7 @@ import pytest
 
 from zhilu.errors import ZhiluError
 from zhilu.perf import plan_cli
+from zhilu.perf.software import STACKS
 from zhilu.plan import Plan
 
 PLAN_KEYS = {"plan", "dp", "tp", "pp", "zero", "sp", "micro_batch", "mb", "schedule", "vstages", "recompute",
@@ -27,7 +28,7 @@ def plan(*argv: str) -> int:
 def test_json_is_the_contract(capsys):
     assert plan(*JOB, "--json", "--top", "3") == 0
     out = json.loads(capsys.readouterr().out)
-    assert set(out) == {"plans", "best"} and out["best"] == 0
+    assert set(out) == {"plans", "best", "software"} and out["best"] == 0 and out["software"] == "zhilu"
     assert 1 <= len(out["plans"]) <= 3
     for p in out["plans"]:
         assert set(p) == PLAN_KEYS and set(p["breakdown"]) == BREAKDOWN_KEYS
@@ -55,6 +56,33 @@ def test_given_degrees_give_exactly_that_plan(capsys):
     (p,) = json.loads(capsys.readouterr().out)["plans"]
     assert (p["dp"], p["tp"], p["pp"], p["zero"], p["micro_batch"], p["recompute"]) == (2, 8, 1, 1, 4, "selective")
     assert p["mb"] == 8  # 32 sequences per replica in micro-batches of 4
+
+
+@pytest.mark.parametrize("name", list(STACKS))
+def test_each_software_profile_predicts_for_its_own_stack(name, capsys):
+    given = ["--dp", "2", "--tp", "8", "--pp", "1", "--zero", "1", "--micro-batch", "1", "--recompute", "none"]
+    plan(*JOB, *given, "--json", "--software", name)
+    out = json.loads(capsys.readouterr().out)
+    assert out["software"] == name
+    (p,) = out["plans"]
+    zhilu_own = predicted(*JOB, *given)
+    if STACKS[name].tp_overlap:  # tensor-parallel collectives under the products
+        assert p["breakdown"]["tp_comm"] < zhilu_own["breakdown"]["tp_comm"]
+    if STACKS[name].foreach_adamw:  # PyTorch's multi-tensor AdamW moves more bytes than a fused one
+        assert p["breakdown"]["optimizer"] > zhilu_own["breakdown"]["optimizer"]
+    if not STACKS[name].dp_overlap:  # gradients reduced after backward, none hidden
+        assert p["breakdown"]["dp_comm_exposed"] > zhilu_own["breakdown"]["dp_comm_exposed"]
+    if name == "zhilu":
+        assert p == zhilu_own
+
+
+def predicted(*argv: str) -> dict:
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        plan(*argv, "--json")
+    return json.loads(out.getvalue())["plans"][0]
 
 
 def test_a_model_by_shape_and_the_time_to_train(capsys):
@@ -95,6 +123,7 @@ def test_the_table_fits_100_columns_and_gives_each_row_its_spec(capsys):
     (JOB[:-2], "hardware"),
     ([*JOB, "--micro-batch", "0"], "micro_batch"),
     ([*JOB, "--tokens", "-5"], "tokens"),
+    ([*JOB, "--software", "deepspeed"], "software"),  # not a profile yet
 ])
 def test_bad_input_is_a_user_error_naming_the_field(argv, field):
     with pytest.raises(ZhiluError) as e:

@@ -4,8 +4,10 @@
     zhilu plan --layers 128 --hidden 25600 --heads 160 --vocab 51200 --seq-len 2048 \\
                --global-batch 1536 --gpus 3072 --hardware a100-80gb --top 3 --json
 
-Degrees and choices given (``--tp 8 --pp 4 ...``) are kept; the rest is searched. ``--json``
-prints ``{"plans": [...], "best": 0}`` (DESIGN.md section 3); with ``--tokens`` each plan also
+Degrees and choices given (``--tp 8 --pp 4 ...``) are kept; the rest is searched.
+``--software NAME`` predicts for another training stack than zhilu's own
+(:data:`zhilu.perf.software.STACKS`). ``--json`` prints ``{"plans": [...], "best": 0,
+"software": NAME}`` (DESIGN.md section 3); with ``--tokens`` each plan also
 has ``time_to_train_s``, ``device_hours`` and ``energy_kwh`` (devices only). No torch here: the
 answer comes from the analytic model in :mod:`zhilu.perf` (docs/perf_model.md).
 """
@@ -25,6 +27,7 @@ from zhilu.perf.device import Cluster
 from zhilu.perf.flops import Transformer
 from zhilu.perf.hardware_file import cluster
 from zhilu.perf.search import search
+from zhilu.perf.software import STACKS, stack
 from zhilu.perf.step import Estimate
 from zhilu.plan import PRECISIONS, RECOMPUTE, SCHEDULES
 
@@ -54,6 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     job.add_argument("--gpus-per-node", type=int, help="devices per node (default: the hardware's)")
     job.add_argument("--hardware", metavar="NAME|FILE",
                      help="a100-40gb, a100-80gb, h100-sxm, h200, v100-32gb, cpu, or a hardware .toml file")
+    job.add_argument("--software", metavar="NAME", default="zhilu",
+                     help=f"the training software the prediction is for: {', '.join(STACKS)} (default: zhilu)")
     plan = parser.add_argument_group("plan (given: kept; left out: searched)")
     plan.add_argument("--dp", type=int, help="data-parallel degree")
     plan.add_argument("--tp", type=int, help="tensor-parallel degree (within a node)")
@@ -87,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
         _positive(args, "gpus_per_node", "gpus-per-node")
     if args.tokens is not None and not (args.tokens > 0 and math.isfinite(args.tokens)):
         raise ZhiluError("tokens", f"must be a positive number, got {args.tokens}")
+    software = stack(args.software)
     hw = cluster(args.hardware, gpus, args.gpus_per_node)
     for name in ("dp", "tp", "pp", "micro_batch", "virtual_stages"):
         if getattr(args, name) is not None:
@@ -95,11 +101,11 @@ def run(args: argparse.Namespace) -> int:
     if fixed.get("vstages", 1) > 1:
         fixed.setdefault("schedule", "interleaved")
     model = Transformer(config, seq_len)
-    estimates = _distinct(search(model, hw, global_batch, fixed=fixed), top)
+    estimates = _distinct(search(model, hw, global_batch, fixed=fixed, software=software), top)
     if args.json:
-        print(json.dumps(_json(estimates, args.tokens, hw.device.power_w), indent=1))
+        print(json.dumps(_json(estimates, args.tokens, hw.device.power_w, software.name), indent=1))
     else:
-        _table(estimates, model, hw, global_batch, args.tokens)
+        _table(estimates, model, hw, global_batch, args.tokens, software.name)
     return 0
 
 
@@ -156,18 +162,18 @@ def _training(e: Estimate, tokens: float, devices: int, power_w: float) -> dict[
     return {"time_to_train_s": seconds, "device_hours": hours, "energy_kwh": hours * power_w / 1000}
 
 
-def _json(estimates: list[Estimate], tokens: float | None, power_w: float) -> dict[str, Any]:
+def _json(estimates: list[Estimate], tokens: float | None, power_w: float, software: str) -> dict[str, Any]:
     plans = []
     for e in estimates:
         entry = e.as_dict()
         if tokens is not None:
             entry.update(_training(e, tokens, e.plan.dp * e.plan.tp * e.plan.pp, power_w))
         plans.append(entry)
-    return {"plans": plans, "best": 0 if estimates and estimates[0].fits else None}
+    return {"plans": plans, "best": 0 if estimates and estimates[0].fits else None, "software": software}
 
 
 def _table(estimates: list[Estimate], model: Transformer, hw: Cluster, global_batch: int,
-           tokens: float | None) -> None:
+           tokens: float | None, software: str) -> None:
     from rich import box
     from rich.console import Console
     from rich.table import Table
@@ -177,7 +183,7 @@ def _table(estimates: list[Estimate], model: Transformer, hw: Cluster, global_ba
     size = f"{n / 1e12:.2f}T" if n >= 1e12 else f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
     title = (f"{size} parameters, {model.layers} layers, seq {model.seq_len}, "
              f"batch {global_batch} x {model.seq_len} tokens on {hw.devices} x {hw.device.name} "
-             f"({hw.nodes} node{'s' * (hw.nodes > 1)} of {hw.devices_per_node})")
+             f"({hw.nodes} node{'s' * (hw.nodes > 1)} of {hw.devices_per_node}), software {software}")
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)
     precisions = sorted({e.plan.precision for e in estimates})
     if len(precisions) == 1:

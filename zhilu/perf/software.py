@@ -1,12 +1,17 @@
 """What the training software does, as far as time and memory go: named stacks.
 
-:data:`ZHILU` is zhilu's own runtime; ``benchmarks/published.py`` describes Megatron-LM,
-Megatron-Core, torchtitan and Llama 3's stack the same way. Pure Python.
+:data:`STACKS` holds the profiles ``zhilu plan --software NAME`` selects: ``zhilu`` (zhilu's
+own runtime, the default), ``megatron`` (Megatron-Core) and its older ``megatron-lm-2020`` /
+``megatron-lm-2022``, ``torchtitan`` and ``torchtitan-compile``, ``fsdp`` (PyTorch FSDP2 in
+eager mode) and ``llama3`` (Meta's Llama 3 stack). ``benchmarks/published.py`` predicts each
+source with its stack's name. Pure Python.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+from zhilu.errors import ZhiluError
 
 # Optimizer step, bytes per local parameter: fused Adam reads weight, gradient and two moments
 # in fp32 and writes three (28), the gradient norm for clipping reads the gradients (4), zeroing
@@ -78,3 +83,40 @@ class Software:
 # overlapped, DTensor tensor parallelism without overlap, torch.distributed.pipelining,
 # selective recompute of the elementwise ops (zhilu/parallel/recompute.py), fused AdamW on GPUs.
 ZHILU = Software("zhilu", selective="elementwise", torch_pipelining=True, ties_across_stages=False)
+
+# Megatron-LM 2020 (Shoeybi et al.): fused kernels (scale-mask-softmax, bias-GeLU, Apex layer
+# norm), explicit attention with dropout, fp16 gradients all-reduced after backward by its
+# "local" DDP (--DDP-impl local, the default then: no overlap).
+MEGATRON_2020 = Software("megatron-lm-2020", fused_kernels=True, flash_attention=False, dp_overlap=False,
+                         grad_reduce_bytes=2, p2p_scatter_gather=True, fused_projections=True, stage_split="even")
+# Megatron-LM 2022 (Korthikanti et al.): the same kernels, fp32 gradient accumulation, blocking
+# pipeline transfers that send 1/tp of an activation and all-gather it over NVLink (its default
+# scatter-gather optimisation).
+MEGATRON_2022 = Software("megatron-lm-2022", fused_kernels=True, flash_attention=False, dp_overlap=False,
+                         p2p_scatter_gather=True, fused_projections=True, stage_split="even")
+# Megatron-Core r0.8 (2024): Transformer Engine kernels and fused attention, and "DP/TP/PP
+# communication overlap on" (its README). Its DistributedDataParallel groups gradients in buckets of
+# max(40M, 1M x dp) parameters (megatron/core/distributed/distributed_data_parallel.py, bucket_size).
+MEGATRON_CORE = Software("megatron", fused_kernels=True, tp_overlap=True, pp_overlap=True, fused_projections=True,
+                         bucket_params=40_000_000, bucket_params_per_dp=1_000_000, stage_split="even")
+# PyTorch FSDP2 in eager mode, as a user's own loop runs it: SDPA flash attention, prefetch under
+# compute, gradients reduced in fp32, PyTorch's default (foreach) AdamW, one FSDP unit a layer.
+FSDP = Software("fsdp", foreach_adamw=True)
+# torchtitan (2024): FSDP2 as above; "selective op" is PyTorch's per-op policy. Its optimizer is
+# AdamW with foreach=True (job config optimizer.fused defaults to False). FSDP2 units: each layer,
+# and the root module (embedding, final norm, output layer: apply_fsdp, fully_shard(model, ...)).
+TORCHTITAN = replace(FSDP, name="torchtitan", selective="ops", fsdp_output_with_embedding=True)
+TORCHTITAN_COMPILE = replace(TORCHTITAN, name="torchtitan-compile", fused_kernels=True)  # compile fuses elementwise ops
+# Llama 3 (Meta 2024): 4D parallelism with its own fused kernels, asynchronous pipeline
+# transfers and overlapped FSDP-style data parallelism (paper, Sec. 3.3).
+LLAMA3 = Software("llama3", fused_kernels=True, pp_overlap=True, fused_projections=True)
+
+STACKS = {sw.name: sw for sw in (ZHILU, MEGATRON_CORE, MEGATRON_2020, MEGATRON_2022, TORCHTITAN, TORCHTITAN_COMPILE,
+                                 FSDP, LLAMA3)}
+
+
+def stack(name: str) -> Software:
+    """The profile called ``name``; an unknown name is a :class:`ZhiluError` listing the known ones."""
+    if name not in STACKS:
+        raise ZhiluError("software", f"unknown software {name!r}; valid: {', '.join(STACKS)}")
+    return STACKS[name]
