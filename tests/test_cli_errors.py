@@ -91,7 +91,6 @@ def test_existing_run_is_not_overwritten(tmp_path: Path) -> None:
     (out / "metrics.jsonl").write_text('{"step": 1}\n')
     assert_one_line_error(zhilu("train", "--out", str(out)), "run.out")
     assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'
-    assert_one_line_error(zhilu("train", "--out", str(tmp_path / "fresh"), "--resume"), "checkpoint.resume")
 
 
 def test_unknown_command() -> None:

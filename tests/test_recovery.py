@@ -103,6 +103,18 @@ def test_a_save_killed_at_any_write_never_leaves_a_torn_checkpoint(write: int, r
     assert sha(out) == reference[1]
 
 
+@pytest.mark.parametrize("write", [1, 2, 3, 4])
+def test_a_save_whose_write_fails_is_never_loaded_torn(write: int, reference: dict[int, str], tmp_path: Path) -> None:
+    out = train(tmp_path / "run", *JOB, "--max-restarts", "1", env={"ZHILU_FAULTS": f"fail:save=4:write={write}"})
+    s = summary(out)
+    assert s["restarts"] == 1 and f"OSError: ZHILU_FAULTS: write {write} of the save at step 4 failed" in \
+        s["restart_causes"][0]["cause"]
+    # the data, .metadata and manifest writes leave step 4 incomplete; a failed `latest` write
+    # leaves it complete and verified, only not yet named
+    assert s["restart_causes"][0]["resumed_from_step"] == (4 if write == 4 else 2)
+    assert sha(out) == reference[1]
+
+
 def _truncate(ckpt: Path) -> None:
     data = next(ckpt.glob("*.distcp"))
     data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])

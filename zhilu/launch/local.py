@@ -39,7 +39,7 @@ class WorkerFailed(Exception):
     rank: int
     exitcode: int
     signal: str  # e.g. SIGKILL; empty when the process exited by itself
-    message: str = ""  # e.g. "ValueError: ..."
+    message: str = ""  # the last line of its exception, e.g. "ValueError: ..."
     traceback: str = ""
 
     def __str__(self) -> str:
@@ -100,7 +100,8 @@ def run_local(fn: Callable[..., Any], args: tuple, nproc: int, port: int = 0) ->
             rank, failure = _first_failure(e)
             name = failure.signal_name() if failure.exitcode < 0 else ""
             raised = failure.message if isinstance(failure.message, dict) else {}  # from the worker's error file
-            raise WorkerFailed(rank, failure.exitcode, "" if name == "<N/A>" else name, raised.get("message", ""),
+            lines = [line for line in str(raised.get("message", "")).splitlines() if line.strip()]
+            raise WorkerFailed(rank, failure.exitcode, "" if name == "<N/A>" else name, lines[-1] if lines else "",
                                raised.get("extraInfo", {}).get("py_callstack", "")) from None
 
 
@@ -118,6 +119,11 @@ def _worker(fn: Callable[..., Any], *args: Any) -> Any:
     except Exception:
         time.sleep(FAILED_WORKER_WAIT_S)
         raise
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # DCP's CheckpointException: torch elastic records only an Exception
+        time.sleep(FAILED_WORKER_WAIT_S)
+        raise RuntimeError(f"{type(e).__name__}: {e}") from e
 
 
 def _first_failure(e: Any) -> tuple[int, Any]:
