@@ -19,6 +19,7 @@ from zhilu.models.presets import preset
 from zhilu.training.checkpoint import latest_checkpoint, load_model
 from zhilu.training.checkpoint_files import read_manifest
 from zhilu.training.dcp_reader import CheckpointReader
+from zhilu.training.optim import ADAMW_EPS
 
 # A model small enough that a 10-step, 2-process run takes seconds.
 MICRO = [
@@ -64,9 +65,6 @@ def assert_same_run(run: Path, reference: Path, steps: int, n_layers: int) -> No
         torch.testing.assert_close(p[settled], ref_params[name][settled], rtol=0, atol=1e-6, msg=name)
         torch.testing.assert_close(p[~settled], ref_params[name][~settled], rtol=0, atol=cfg.train.lr * steps,
                                    msg=f"{name}, gradient at rounding level")
-
-
-ADAMW_EPS = 1e-8  # zhilu.training.optim
 
 
 def gradient_rms(run: Path, params: dict[str, torch.Tensor], beta2: float, steps: int) -> dict[str, torch.Tensor]:

@@ -50,7 +50,7 @@ def test_model_averaging_replaces_gradient_traffic_by_an_average_every_h_steps()
 
 def test_auto_is_the_fastest_runnable_plan_that_fits() -> None:
     plans = job.candidates(TINY, 256, 16, 4, CPU, "cpu")
-    plan, e = job.auto(TINY, 256, 16, 4, CPU, "cpu")
+    plan, e, _ = job.auto(TINY, 256, 16, 4, CPU, "cpu")
     assert e.step_time_s == min(c[1].step_time_s for c in plans) and e.fits
     for p, e in plans:  # every candidate is one zhilu accepts, predicted in what it trains in
         p.validate(4), p.check_model(TINY), p.check_batch(16)
@@ -58,8 +58,7 @@ def test_auto_is_the_fastest_runnable_plan_that_fits() -> None:
 
 
 def test_auto_names_the_faster_plans_it_cannot_run_and_the_runners_up() -> None:
-    plan, e = job.auto(TINY, 256, 16, 4, CPU, "cpu")
-    lines = job.passed_over(TINY, 256, 16, 4, CPU, "cpu")
+    plan, e, lines = job.auto(TINY, 256, 16, 4, CPU, "cpu")
     ms = [float(line.split("(")[1].split(" ms/step")[0].replace(",", "")) for line in lines]
     over = [line for line in lines if line.startswith("passed over ")]
     runners = [line for line in lines if line.startswith("runner-up ")]
@@ -86,7 +85,7 @@ def test_explain_names_the_largest_term_and_a_faster_plan() -> None:
     x = job.explain(TINY, 256, 16, slow, CPU, "cpu")
     e = job.predict(TINY, 256, 16, slow, CPU, "cpu")
     assert x["dominating"] == max(e.breakdown, key=e.breakdown.get)
-    best_plan, best = job.auto(TINY, 256, 16, 2, CPU, "cpu")
+    best_plan, best, _ = job.auto(TINY, 256, 16, 2, CPU, "cpu")
     assert x["switch_to"]["plan"] == best_plan.spec()
     assert x["switch_to"]["predicted_speedup"] == pytest.approx(e.step_time_s / best.step_time_s)
     assert job.explain(TINY, 256, 16, best_plan, CPU, "cpu")["switch_to"] is None

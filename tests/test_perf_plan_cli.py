@@ -65,7 +65,8 @@ def test_each_software_profile_predicts_for_its_own_stack(name, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["software"] == name
     (p,) = out["plans"]
-    zhilu_own = predicted(*JOB, *given)
+    plan(*JOB, *given, "--json")
+    (zhilu_own,) = json.loads(capsys.readouterr().out)["plans"]
     if STACKS[name].tp_overlap:  # tensor-parallel collectives under the products
         assert p["breakdown"]["tp_comm"] < zhilu_own["breakdown"]["tp_comm"]
     if STACKS[name].foreach_adamw:  # PyTorch's multi-tensor AdamW moves more bytes than a fused one
@@ -74,15 +75,6 @@ def test_each_software_profile_predicts_for_its_own_stack(name, capsys):
         assert p["breakdown"]["dp_comm_exposed"] > zhilu_own["breakdown"]["dp_comm_exposed"]
     if name == "zhilu":
         assert p == zhilu_own
-
-
-def predicted(*argv: str) -> dict:
-    import contextlib
-    import io
-
-    with contextlib.redirect_stdout(io.StringIO()) as out:
-        plan(*argv, "--json")
-    return json.loads(out.getvalue())["plans"][0]
 
 
 def test_a_model_by_shape_and_the_time_to_train(capsys):

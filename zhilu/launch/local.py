@@ -116,13 +116,13 @@ def _worker(fn: Callable[..., Any], *args: Any) -> Any:
     """
     try:
         return fn(*args)
-    except Exception:
-        time.sleep(FAILED_WORKER_WAIT_S)
-        raise
     except (KeyboardInterrupt, SystemExit):
         raise
-    except BaseException as e:  # DCP's CheckpointException: torch elastic records only an Exception
+    except BaseException as e:
         time.sleep(FAILED_WORKER_WAIT_S)
+        if isinstance(e, Exception):
+            raise
+        # DCP's CheckpointException is a BaseException, which torch elastic does not record
         raise RuntimeError(f"{type(e).__name__}: {e}") from e
 
 

@@ -151,13 +151,12 @@ def _auto_plan(cfg: JobConfig, spec: ModelSpec, hw_source: str, device: str, wor
     if spec.shape is None:
         raise ZhiluError("parallel.plan", f"auto needs the model's transformer shape, and {spec.name} declares none "
                                           "(ModelSpec.shape); give a plan such as dp=2")
-    plan, estimate = job.auto(spec.shape, cfg.train.seq_len, cfg.train.global_batch, world, cluster(hw_source),
-                              device, nodes_of=nproc)
+    plan, estimate, alternatives = job.auto(spec.shape, cfg.train.seq_len, cfg.train.global_batch, world,
+                                            cluster(hw_source), device, nodes_of=nproc)
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"plan auto: {plan.spec()}, predicted {estimate.step_time_s * 1e3:,.0f} ms/step "
               f"(the fastest that fits, on {hw_source})", flush=True)
-        for line in job.passed_over(spec.shape, cfg.train.seq_len, cfg.train.global_batch, world, cluster(hw_source),
-                                    device, nodes_of=nproc):
+        for line in alternatives:
             print(f"  {line}", flush=True)
     return plan
 

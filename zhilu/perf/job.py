@@ -10,7 +10,7 @@ The plan is the runtime's own :class:`zhilu.plan.Plan`. Pure Python, like the re
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
+from typing import Any, NoReturn
 
 from zhilu.errors import ZhiluError
 from zhilu.models.presets import GPTConfig
@@ -94,35 +94,31 @@ def candidates(model: GPTConfig, seq_len: int, global_batch: int, world: int, hw
                nodes_of: int | None = None) -> list[tuple[Plan, Estimate]]:
     """Every plan zhilu can run for this job that fits, fastest first by prediction; each plan
     with ``precision=auto`` (what it was predicted in on ``device_type``)."""
-    runnable = [(plan, e) for plan, e, why in _ranked(model, seq_len, global_batch, world, hw, device_type, nodes_of)
-                if not why]
-    if not runnable:
-        raise ZhiluError("parallel.plan", f"auto: no plan zhilu can run fits {world} x {hw.device.name}; "
-                                          "give a plan, a smaller model or batch, or more devices")
-    return runnable
+    ranked = _ranked(model, seq_len, global_batch, world, hw, device_type, nodes_of)
+    return [(plan, e) for plan, e, why in ranked if not why] or _none_runnable(world, hw)
 
 
 def auto(model: GPTConfig, seq_len: int, global_batch: int, world: int, hw: Cluster, device_type: str,
-         nodes_of: int | None = None) -> tuple[Plan, Estimate]:
-    """The plan ``--plan auto`` runs: the fastest predicted among those zhilu can run that fit."""
-    return candidates(model, seq_len, global_batch, world, hw, device_type, nodes_of)[0]
-
-
-def passed_over(model: GPTConfig, seq_len: int, global_batch: int, world: int, hw: Cluster, device_type: str,
-                nodes_of: int | None = None, runners_up: int = 2) -> list[str]:
-    """A line for each of the fastest plans predicted faster than :func:`auto`'s that zhilu
-    cannot run (and why; at most ``runners_up + 1``), then for the next ``runners_up`` it could
-    (and how much slower they are)."""
+         nodes_of: int | None = None, runners_up: int = 2) -> tuple[Plan, Estimate, list[str]]:
+    """The plan ``--plan auto`` runs: the fastest predicted among those zhilu can run that fit;
+    its estimate; and a line for each faster plan zhilu cannot run (and why; at most
+    ``runners_up + 1``), then for the next ``runners_up`` it could (and how much slower)."""
     ranked = _ranked(model, seq_len, global_batch, world, hw, device_type, nodes_of)
     chosen = next((i for i, (_, _, why) in enumerate(ranked) if not why), None)
     if chosen is None:
-        return []
-    best = ranked[chosen][1].step_time_s
-    lines = [f"passed over {plan.spec()} ({e.step_time_s * 1e3:,.0f} ms/step): {why}"
-             for plan, e, why in ranked[:chosen][:runners_up + 1]]
-    slower = [(plan, e) for plan, e, why in ranked[chosen + 1:] if not why][:runners_up]
-    return lines + [f"runner-up {plan.spec()} ({e.step_time_s * 1e3:,.0f} ms/step, {e.step_time_s / best - 1:+.0%})"
-                    for plan, e in slower]
+        _none_runnable(world, hw)
+    plan, best, _ = ranked[chosen]
+    lines = [f"passed over {p.spec()} ({e.step_time_s * 1e3:,.0f} ms/step): {why}"
+             for p, e, why in ranked[:chosen][:runners_up + 1]]
+    slower = [(p, e) for p, e, why in ranked[chosen + 1:] if not why][:runners_up]
+    lines += [f"runner-up {p.spec()} ({e.step_time_s * 1e3:,.0f} ms/step, {e.step_time_s / best.step_time_s - 1:+.0%})"
+              for p, e in slower]
+    return plan, best, lines
+
+
+def _none_runnable(world: int, hw: Cluster) -> NoReturn:
+    raise ZhiluError("parallel.plan", f"auto: no plan zhilu can run fits {world} x {hw.device.name}; "
+                                      "give a plan, a smaller model or batch, or more devices")
 
 
 def _ranked(model: GPTConfig, seq_len: int, global_batch: int, world: int, hw: Cluster, device_type: str,
@@ -153,7 +149,7 @@ def explain(model: GPTConfig, seq_len: int, global_batch: int, plan: Plan, hw: C
     """
     current = predict(model, seq_len, global_batch, plan, hw, device_type, nodes_of)
     top = max(current.breakdown, key=lambda k: current.breakdown[k])
-    best_plan, best = auto(model, seq_len, global_batch, plan.world_size, hw, device_type, nodes_of)
+    best_plan, best, _ = auto(model, seq_len, global_batch, plan.world_size, hw, device_type, nodes_of)
     gain = current.step_time_s / best.step_time_s
     switch = None
     if gain > 1.02 and best_plan.resolved(device_type) != replace(plan, avg_every=0).resolved(device_type):

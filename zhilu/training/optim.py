@@ -11,6 +11,8 @@ from torch.distributed.tensor import DTensor
 
 from zhilu.config import TrainSection
 
+ADAMW_EPS = 1e-8  # added to sqrt(v) in AdamW's denominator
+
 
 def build_optimizer(model: nn.Module, t: TrainSection, device_type: str) -> torch.optim.AdamW:
     """AdamW (fused on CUDA); weight decay on parameters of 2 or more dimensions only."""
@@ -20,7 +22,7 @@ def build_optimizer(model: nn.Module, t: TrainSection, device_type: str) -> torc
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(
-        groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, fused=device_type == "cuda"
+        groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=ADAMW_EPS, fused=device_type == "cuda"
     )
 
 
