@@ -14,7 +14,9 @@ clipping) on random token batches (torch.randint, fixed seed). Measured in one r
    the background write runs (the pending future not done, or the finishing thread alive), the
    loop keeps stepping, and the steps done inside the write's window (a step that straddles its
    end counts by its share inside it) per second give the throughput during the write;
-   then wait().
+   then wait(). Normal throughput for that save is the median of --around steps just before
+   the save and --around steps just after the write, so a machine whose speed drifts during
+   the run (a shared host) compares each write with its own neighbours.
 
 Each kind saves --saves times into a temporary run directory; after each save the checkpoint
 must be complete (checkpoints/latest names it, it has a manifest.json). Prints the medians,
@@ -58,6 +60,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--steps", type=int, default=10, help="timed steps without saving")
     parser.add_argument("--saves", type=int, default=3, help="saves of each kind")
+    parser.add_argument("--around", type=int, default=2,
+                        help="steps without saving timed before and after each background write")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dir", default=None, help="parent of the temporary run directory (default: the system's)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the figures as JSON")
@@ -90,6 +94,7 @@ def main() -> None:
     rel_tput: list[float] = []
     write_s: list[float] = []
     steps_in_write: list[float] = []
+    neighbour_step_s: list[float] = []  # normal step time around each background write
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         run_dir = Path(tmp) / "run"
         sync = Checkpointer(run_dir, keep=1, background=False)
@@ -103,7 +108,7 @@ def main() -> None:
 
         background = Checkpointer(run_dir, keep=1, background=True)
         for _ in range(args.saves):
-            step()
+            before = [step() for _ in range(args.around)]
             saved_at = step_no
             start = time.perf_counter()
             background.save(saved_at, [model], [optimizer], {"step": saved_at})
@@ -131,12 +136,14 @@ def main() -> None:
             watcher.join()
             background.wait()
             check_complete(run_dir, saved_at)
+            normal = statistics.median(before + [step() for _ in range(args.around)])
             end = ended[0]
             window = end - returned
             done = sum((min(b, end) - max(a, returned)) / (b - a) for a, b in spans if b > returned and a < end)
             write_s.append(window)
             steps_in_write.append(done)
-            rel_tput.append((done / window) * step_s if window > 0 and done > 0 else float("nan"))
+            neighbour_step_s.append(normal)
+            rel_tput.append((done / window) * normal if window > 0 and done > 0 else float("nan"))
 
     sync_share = statistics.median(sync_block) / step_s
     async_share = statistics.median(async_block) / step_s
@@ -147,7 +154,8 @@ def main() -> None:
         "model": args.model, "params": n_params, "batch": args.batch, "seq_len": args.seq_len,
         "torch_threads": torch.get_num_threads(), "checkpoint_mib": size_mib, "saves": args.saves,
         "step_s_median": step_s, "sync_block_s": sync_block, "async_block_s": async_block,
-        "async_write_s": write_s, "steps_during_write": steps_in_write, "throughput_during_write": rel_tput,
+        "async_write_s": write_s, "steps_during_write": steps_in_write, "step_s_around_write": neighbour_step_s,
+        "throughput_during_write": rel_tput,
         "sync_block_share": sync_share, "async_block_share": async_share, "throughput_share": tput,
         "target_async_block_share": 0.05, "target_throughput_share": 0.90,
         "async_block_pass": ok_block, "throughput_pass": ok_tput,
@@ -167,6 +175,8 @@ def main() -> None:
         print(f"{label:24}{median * 1e3:>9.1f} ms{median / step_s:>17.1%}   {ms(xs)}{extra}")
     print(f"asynchronous save blocks {async_share:.1%} of a step (target: at most 5%): "
           f"{'PASS' if ok_block else 'MISS'}")
+    print(f"normal step around each background write (ms): {ms(neighbour_step_s)}; "
+          f"throughput during each: {' '.join(f'{x:.1%}' for x in rel_tput)}")
     print(f"throughput during the background write: {tput:.1%} of normal (target: at least 90%): "
           f"{'PASS' if ok_tput else 'MISS'}")
     print(f"for comparison, synchronous save blocks {sync_share:.1%} of a step")

@@ -40,6 +40,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.filesystem import FileSystem
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -58,11 +59,11 @@ from zhilu.training.checkpoint_files import (
     name_of,
     read_manifest,
     refuse_none_good,
-    sha256,
     verify,
     write_atomic,
 )
 from zhilu.training.dcp_reader import CheckpointReader
+from zhilu.training.direct_io import DirectWriter, sha256_direct
 
 __all__ = ["Checkpointer", "CheckpointReader", "latest_checkpoint", "load_model", "params_sha256", "verify"]
 
@@ -87,6 +88,7 @@ class Checkpointer:
         self.background = background
         self.group = dist.new_group(backend="gloo") if background and self.world > 1 else None
         self._pending: tuple[Future, threading.Thread | None] | None = None
+        self._stager: DefaultStager | None = None
         self._error: BaseException | None = None
         if self.rank == 0 and self.root.is_dir():  # leftovers of saves that a crash interrupted
             for stale in [*self.root.glob(".step-*.tmp"), *self.root.glob(".step-*.old")]:
@@ -113,7 +115,11 @@ class Checkpointer:
                 self._complete(step, tmp, trainer_state)
             _barrier()
             return
-        future = dcp.async_save(state, storage_writer=writer, process_group=self.group)
+        if self._stager is None:  # kept between saves: the copy of the state reuses its memory
+            self._stager = DefaultStager(StagingOptions(use_pinned_memory=torch.cuda.is_available(),
+                                                        use_shared_memory=False, use_async_staging=False,
+                                                        use_non_blocking_copy=False))
+        future = dcp.async_save(state, storage_writer=writer, process_group=self.group, async_stager=self._stager)
         thread = None
         if self.rank == 0:  # finish the checkpoint (checksums, rename, latest) once every rank has written
             thread = threading.Thread(target=self._complete_after, args=(future, step, tmp, trainer_state),
@@ -147,7 +153,8 @@ class Checkpointer:
         fsync_dir(tmp)
         files = sorted(p for p in tmp.iterdir() if p.is_file())
         manifest = {"format": 2, "step": step, "trainer": trainer_state, **self.about,
-                    "files": {p.name: sha256(p) for p in files}, "sizes": {p.name: p.stat().st_size for p in files}}
+                    "files": {p.name: sha256_direct(p) for p in files},
+                    "sizes": {p.name: p.stat().st_size for p in files}}
         self.faults.on_write()
         write_atomic(tmp / "manifest.json", json.dumps(manifest, indent=1))
         final = self.root / name_of(step)
@@ -305,19 +312,22 @@ def _set_rng_states(states: dict[str, torch.Tensor], rank: int) -> None:
 
 
 class _FileSystem(FileSystem):
-    """DCP's file system. A background save writes at a low CPU priority, so it takes little of
-    the cores training keeps busy; each file opened for writing is reported to the fault
-    injector."""
+    """DCP's file system. Files are written past the page cache (:mod:`zhilu.training.direct_io`)
+    and, in a background save, at a low CPU priority, so a save takes little of the cores
+    training keeps busy; each file opened for writing is reported to the fault injector."""
 
     def __init__(self, faults: fault_injection.Faults) -> None:
         self.faults = faults
 
     @contextmanager
     def create_stream(self, path: str | os.PathLike, mode: str) -> Iterator[Any]:
-        if "w" in mode or "a" in mode:
-            _yield_cpu()
-            self.faults.on_write()
-        with super().create_stream(path, mode) as stream:
+        if mode != "wb":
+            with super().create_stream(path, mode) as stream:
+                yield stream
+            return
+        _yield_cpu()
+        self.faults.on_write()
+        with DirectWriter(path) as stream:
             yield stream
 
 
@@ -334,8 +344,7 @@ def _yield_cpu() -> None:
 
 
 def _writer(path: Path, faults: fault_injection.Faults) -> FileSystemWriter:
-    # On CUDA the background save stages into pinned buffers it keeps between saves.
-    writer = FileSystemWriter(path, sync_files=True, cache_staged_state_dict=torch.cuda.is_available())
+    writer = FileSystemWriter(path, sync_files=True)
     writer.fs = _FileSystem(faults)
     return writer
 
