@@ -38,6 +38,7 @@ DEFAULT_DIR = Path(__file__).resolve().parent / "published"  # a copy of the pro
 # --- the software that produced each source: zhilu.perf.software's named stacks -----------------
 MEGATRON_2020, MEGATRON_2022, MEGATRON_CORE = stack("megatron-lm-2020"), stack("megatron-lm-2022"), stack("megatron")
 TORCHTITAN, TORCHTITAN_COMPILE, LLAMA3 = stack("torchtitan"), stack("torchtitan-compile"), stack("llama3")
+FSDP = stack("fsdp")
 # torchtitan's "selective layer" option checkpoints every second layer: a recompute choice of the
 # run, not of the stack.
 TORCHTITAN_LAYER = replace(TORCHTITAN, selective="alternate")
@@ -205,6 +206,36 @@ def step_rows(root: Path) -> list[Row]:
     return rows
 
 
+FOUNDRY_TABLES = ("llmfoundry_a100_40gb.csv", "llmfoundry_a100_80gb.csv", "llmfoundry_a100_80gb_2023-07.csv",
+                  "llmfoundry_h100_bf16.csv", "llmfoundry_h100_fp8.csv")
+FOUNDRY_GPUS = {"a100_40gb": "a100-40gb", "a100_80gb": "a100-80gb", "h100_80gb": "h100-sxm"}
+
+
+def foundry_rows(root: Path) -> list[Row]:
+    """llm-foundry's MPT benchmarks: pure PyTorch FSDP (FULL_SHARD: ZeRO-3, SHARD_GRAD_OP:
+    ZeRO-2) in eager mode through Composer, the ``fsdp`` stack; its ``PURE`` mixed precision
+    also reduces the gradients in bf16. Every setting is the row's own (micro-batch, recompute);
+    the H100 tables do not state the network, taken as the preset's 400 Gb/s per GPU."""
+    rows: list[Row] = []
+    for name in FOUNDRY_TABLES:
+        for r in read(root / name):
+            seq, gpus, batch = int(r["seq_len"]), int(r["n_gpus"]), int(r["global_batch_seqs"])
+            label = f"{r['model']} seq={seq} {gpus} GPUs mb={r['micro_batch']} ac={r['recompute']}"
+            source = "llm-foundry " + name.removeprefix("llmfoundry_").removesuffix(".csv")
+            if "fp8" in r["precision"]:
+                rows.append(Row(source, label, float(r["iter_time_s"]), note="not modelled: float8 matmuls"))
+                continue
+            model = gpt(int(r["n_layers"]), int(r["hidden"]), int(r["n_heads"]), int(r["vocab"]), seq, tied=True,
+                        dropout=False)
+            sw = replace(FSDP, grad_reduce_bytes=2) if "PURE" in r["precision"] else FSDP
+            t = predict(model, hardware.PRESETS[FOUNDRY_GPUS[r["gpu_type"]]].sized(gpus), batch, sw,
+                        require_fit=False, dp=gpus, tp=1, pp=1, zero=3 if "FULL_SHARD" in r["sharding"] else 2,
+                        micro_batch=min(int(r["micro_batch"]), batch // gpus), schedule="1f1b",
+                        recompute="full" if r["recompute"] == "full" else "none", sp=False)
+            rows.append(Row(source, label, float(r["iter_time_s"]), t))
+    return rows
+
+
 def memory_rows(root: Path) -> list[Row]:
     rows: list[Row] = []
     configs = {r["model"]: r for r in read(root / "korthikanti_2022_table3_table5.csv")}
@@ -239,6 +270,22 @@ def summary(rows: list[Row]) -> tuple[float, float, int]:
     return median(errors), max(errors), len(errors)
 
 
+def signed_by_seq(rows: list[Row]) -> dict[int, list[float]]:
+    """The signed errors of the modelled rows, by the ``seq=N`` of their labels, shortest first."""
+    groups: dict[int, list[float]] = {}
+    for r in rows:
+        if r.predicted is not None:
+            seq = int(r.label.split("seq=")[1].split()[0])
+            groups.setdefault(seq, []).append(r.predicted / r.published - 1)
+    return dict(sorted(groups.items()))
+
+
+def by_source(rows: list[Row]) -> dict[str, tuple[float, float, int]]:
+    """:func:`summary` of each source's modelled rows."""
+    sources = dict.fromkeys(r.source for r in rows if r.error is not None)
+    return {src: summary([r for r in rows if r.source == src]) for src in sources}
+
+
 def _table(title: str, rows: list[Row], unit: str) -> None:
     print(f"\n{title}")
     print(f"{'source':<24} {'run':<52} {'published':>10} {'predicted':>10} {'error':>7}")
@@ -247,6 +294,8 @@ def _table(title: str, rows: list[Row], unit: str) -> None:
             print(f"{r.source:<24} {r.label:<52} {r.published:>10.3f} {'-':>10} {'':>7}  {r.note}")
         else:
             print(f"{r.source:<24} {r.label:<52} {r.published:>10.3f} {r.predicted:>10.3f} {r.error:>7.1%}")
+    for src, (med, worst, n) in by_source(rows).items():
+        print(f"  {src:<40} {n:>4} rows   median {med:>6.1%}   max {worst:>6.1%}")
     med, worst, n = summary(rows)
     skipped = sum(r.predicted is None for r in rows)
     print(f"{title}: {n} rows modelled ({skipped} not), median error {med:.1%}, max error {worst:.1%} ({unit})")
@@ -257,6 +306,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--published", type=Path, default=DEFAULT_DIR, help="folder of the published CSV files")
     args = parser.parse_args(argv)
     _table("Step time", step_rows(args.published), "seconds per step")
+    foundry = foundry_rows(args.published)
+    _table("Step time, llm-foundry (not used in developing the model)", foundry, "seconds per step")
+    print("llm-foundry, signed median error (predicted / published - 1) by sequence length:")
+    for seq, errors in signed_by_seq(foundry).items():
+        print(f"  seq {seq:>6}: {median(errors):>+7.1%} over {len(errors)} rows")
     _table("Memory per device", memory_rows(args.published), "GiB")
     return 0
 
