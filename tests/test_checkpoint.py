@@ -91,3 +91,26 @@ def test_the_rng_state_is_saved_and_restored(tmp_path: Path) -> None:
     torch.manual_seed(0)
     ckpt.load(latest_checkpoint(tmp_path), [model], [opt])
     assert torch.equal(torch.rand(4), expected)
+
+
+def test_background_checkpoint_threads_run_on_idle_cpu_time_and_training_keeps_its_priority() -> None:
+    import os
+    import threading
+
+    import pytest
+
+    from zhilu.training.checkpoint import _yield_cpu
+
+    if not hasattr(os, "SCHED_IDLE"):
+        pytest.skip("no SCHED_IDLE on this platform")
+    seen: list[int] = []
+
+    def background() -> None:
+        _yield_cpu()
+        seen.append(os.sched_getscheduler(0))
+
+    thread = threading.Thread(target=background)
+    thread.start()
+    thread.join()
+    _yield_cpu()  # on the main thread: nothing changes
+    assert seen == [os.SCHED_IDLE] and os.sched_getscheduler(0) == os.SCHED_OTHER
