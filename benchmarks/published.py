@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from zhilu import hardware  # noqa: E402
 from zhilu.models.presets import GPTConfig  # noqa: E402
+from zhilu.perf.confidence import regime  # noqa: E402
 from zhilu.perf.flops import Transformer  # noqa: E402
 from zhilu.perf.memory import GIB  # noqa: E402
 from zhilu.perf.search import search  # noqa: E402
@@ -86,6 +88,7 @@ class Row:
     label: str
     published: float
     predicted: float | None = None
+    regime: str = ""  # zhilu.perf.confidence.regime of the plan predicted
     note: str = ""
 
     @property
@@ -99,11 +102,13 @@ def read(path: Path) -> list[dict[str, str]]:
 
 
 def predict(model: Transformer, hw: hardware.Cluster, global_batch: int, software: Software,
-            require_fit: bool = True, **plan) -> float:
-    """Step time of a plan (``micro_batch``: sequences per micro-batch); fields the source leaves
-    open are searched among the plans that fit, a plan given whole is evaluated as it is."""
-    return search(model, hw, global_batch, fixed={"precision": "bf16", **plan}, software=software, top=1,
-                  require_fit=require_fit)[0].step_time_s
+            require_fit: bool = True, **plan) -> tuple[float, str]:
+    """Step time of a plan (``micro_batch``: sequences per micro-batch) and its regime
+    (:func:`zhilu.perf.confidence.regime`); fields the source leaves open are searched among
+    the plans that fit, a plan given whole is evaluated as it is."""
+    best = search(model, hw, global_batch, fixed={"precision": "bf16", **plan}, software=software, top=1,
+                  require_fit=require_fit)[0]
+    return best.step_time_s, regime(best.plan, software.name)
 
 
 def step_rows(root: Path) -> list[Row]:
@@ -119,7 +124,7 @@ def step_rows(root: Path) -> list[Row]:
         for mode, col, rec, sp in (("full recompute", "iter_s_full_recompute", "full", False),
                                    ("seq-par + selective", "iter_s_present_work", "selective", True)):
             t = predict(model, hw, int(r["global_batch"]), MEGATRON_2022, recompute=rec, sp=sp, **common)
-            rows.append(Row("Korthikanti 2022 T5", f"{r['model']} {mode}", float(r[col]), t))
+            rows.append(Row("Korthikanti 2022 T5", f"{r['model']} {mode}", float(r[col]), *t))
 
     systems = {"dgx2_v100": "v100-32gb", "dgx_a100": "a100-40gb", "dgx_a100_dp": "a100-40gb"}
     for r in read(root / "megatron_readme_2020_single_node_tp.csv"):
@@ -129,7 +134,7 @@ def step_rows(root: Path) -> list[Row]:
         hw = hardware.PRESETS[systems[r["system"]]].sized(gpus)
         t = predict(model, hw, batch, MEGATRON_2020, dp=dp, tp=tp, pp=1, zero=0, micro_batch=batch // dp,
                     schedule="1f1b", recompute="full", sp=False)
-        rows.append(Row("Megatron 2020 TP", f"{r['case']} tp={tp} {r['system']}", float(r["iter_ms"]) / 1e3, t))
+        rows.append(Row("Megatron 2020 TP", f"{r['case']} tp={tp} {r['system']}", float(r["iter_ms"]) / 1e3, *t))
 
     h100 = hardware.PRESETS["h100-sxm"]
     for r in read(root / "megatron_core_h100_2024_weak_scaling.csv"):
@@ -139,7 +144,7 @@ def step_rows(root: Path) -> list[Row]:
         # Micro-batch, schedule and recompute are not stated: searched (the fastest plan that fits).
         t = predict(model, h100.sized(gpus), batch, MEGATRON_CORE, dp=int(r["dp"]), tp=int(r["tp"]),
                     pp=int(r["pp"]), zero=1, sp=True)
-        rows.append(Row("Megatron-Core H100", f"{r['model']} tp={r['tp']} pp={r['pp']} dp={r['dp']}", published, t))
+        rows.append(Row("Megatron-Core H100", f"{r['model']} tp={r['tp']} pp={r['pp']} dp={r['dp']}", published, *t))
 
     ac = {"none": ("none", TORCHTITAN), "full": ("full", TORCHTITAN), "selective_op": ("selective", TORCHTITAN),
           "selective_layer": ("selective", TORCHTITAN_LAYER), "per_op_sac": ("selective", TORCHTITAN)}
@@ -148,7 +153,7 @@ def step_rows(root: Path) -> list[Row]:
         rec, sw = ac[r["ac"]]
         t = predict(llama(r["model"], seq), a100.sized(gpus), b * gpus, sw, dp=gpus, tp=1, pp=1, zero=3,
                     micro_batch=b, schedule="1f1b", recompute=rec, sp=False)
-        rows.append(Row("torchtitan A100", f"{r['model']} b={b} ac={r['ac']}", b * seq / float(r["wps_per_gpu"]), t))
+        rows.append(Row("torchtitan A100", f"{r['model']} b={b} ac={r['ac']}", b * seq / float(r["wps_per_gpu"]), *t))
 
     for r in read(root / "torchtitan_405b_h100_2024.csv"):
         label = f"{r['model']} fsdp={r['fsdp']} tp={r['tp']} {r['optimizations']}"
@@ -159,7 +164,7 @@ def step_rows(root: Path) -> list[Row]:
             continue
         t = predict(llama(r["model"], 8192), GRAND_TETON.sized(int(r["gpus"])), b * dp, TORCHTITAN, dp=dp, tp=tp,
                     pp=1, zero=3, micro_batch=b, schedule="1f1b", recompute="full", sp=True)
-        rows.append(Row("torchtitan 405B", label, published, t))
+        rows.append(Row("torchtitan 405B", label, published, *t))
 
     for r in read(root / "torchtitan_asynctp_h100_202506.csv"):
         label = f"{r['model']} tp={r['tp']} {r['tp_type']} {r['quantization']}"
@@ -174,7 +179,7 @@ def step_rows(root: Path) -> list[Row]:
         sw = replace(sw, fused_kernels=True, tp_overlap=r["tp_type"] == "async", fsdp_output_with_embedding=False)
         t = predict(llama(r["model"], 8192), GRAND_TETON.sized(gpus), b * dp, sw, dp=dp, tp=tp, pp=1, zero=3,
                     micro_batch=b, schedule="1f1b", recompute=rec, sp=True)
-        rows.append(Row("torchtitan async-TP", label, published, t))
+        rows.append(Row("torchtitan async-TP", label, published, *t))
 
     for r in read(root / "torchtitan_llama31_h100_202412.csv"):
         label = f"T{r['table']} {r['model']} {r['gpus']} GPUs {r['techniques']}"
@@ -187,7 +192,7 @@ def step_rows(root: Path) -> list[Row]:
         sw = TORCHTITAN_COMPILE if "compile" in r["techniques"] else TORCHTITAN
         t = predict(llama(r["model"], seq), GRAND_TETON.sized(gpus), b * gpus, sw, dp=gpus, tp=1, pp=1, zero=3,
                     micro_batch=b, schedule="1f1b", recompute="selective", sp=False)
-        rows.append(Row("torchtitan H100", label, published, t))
+        rows.append(Row("torchtitan H100", label, published, *t))
 
     for r in read(root / "llama3_2024_table4_405b.csv"):
         gpus, tp, pp, dp, cp = (int(r[k]) for k in ("gpus", "tp", "pp", "dp", "cp"))
@@ -202,7 +207,7 @@ def step_rows(root: Path) -> list[Row]:
         # memory-balancing work made that fit; this model's memory does not know it, so fit is not asked.
         t = predict(model, h100.sized(gpus), batch, LLAMA3, require_fit=False, dp=dp, tp=tp, pp=pp,
                     sp=True, schedule="interleaved", recompute="none")
-        rows.append(Row("Llama 3 Table 4", label, published, t))
+        rows.append(Row("Llama 3 Table 4", label, published, *t))
     return rows
 
 
@@ -232,7 +237,7 @@ def foundry_rows(root: Path) -> list[Row]:
                         require_fit=False, dp=gpus, tp=1, pp=1, zero=3 if "FULL_SHARD" in r["sharding"] else 2,
                         micro_batch=min(int(r["micro_batch"]), batch // gpus), schedule="1f1b",
                         recompute="full" if r["recompute"] == "full" else "none", sp=False)
-            rows.append(Row(source, label, float(r["iter_time_s"]), t))
+            rows.append(Row(source, label, float(r["iter_time_s"]), *t))
     return rows
 
 
@@ -301,10 +306,44 @@ def _table(title: str, rows: list[Row], unit: str) -> None:
     print(f"{title}: {n} rows modelled ({skipped} not), median error {med:.1%}, max error {worst:.1%} ({unit})")
 
 
+BANDS_FILE = Path(__file__).resolve().parent.parent / "zhilu" / "perf" / "error_bands.py"
+
+
+def band_ratios(rows: list[Row]) -> dict[str, tuple[float, ...]]:
+    """Published / predicted step time of the modelled rows, by regime, rounded to 4 places."""
+    ratios: dict[str, list[float]] = {}
+    for r in rows:
+        if r.predicted is not None:
+            ratios.setdefault(r.regime, []).append(round(r.published / r.predicted, 4))
+    return {k: tuple(sorted(v)) for k, v in sorted(ratios.items())}
+
+
+def bands_source(ratios: dict[str, tuple[float, ...]]) -> str:
+    """The text of zhilu/perf/error_bands.py for ``ratios``."""
+    lines = ['"""Published / predicted step time of the published runs, by regime (:mod:`zhilu.perf.confidence`).',
+             "", "Written by ``python benchmarks/published.py --write-bands`` from benchmarks/published/; not edited",
+             'by hand (tests/test_perf_published.py checks it against the benchmark).', '"""', "",
+             "RATIOS: dict[str, tuple[float, ...]] = {"]
+    for key, values in ratios.items():
+        lines.append(f"    {json.dumps(key)}: (")
+        text = ", ".join(f"{v:.4f}" for v in values) + ","
+        while text:
+            cut = text.rfind(" ", 0, 100) if len(text) > 100 else len(text)
+            lines.append("        " + text[:cut].strip())
+            text = text[cut:].strip()
+        lines.append("    ),")
+    return "\n".join(lines + ["}", ""])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--published", type=Path, default=DEFAULT_DIR, help="folder of the published CSV files")
+    parser.add_argument("--write-bands", action="store_true",
+                        help="also write the error bands of zhilu plan (zhilu/perf/error_bands.py)")
     args = parser.parse_args(argv)
+    if args.write_bands:
+        BANDS_FILE.write_text(bands_source(band_ratios(step_rows(args.published) + foundry_rows(args.published))))
+        print(f"wrote {BANDS_FILE}")
     _table("Step time", step_rows(args.published), "seconds per step")
     foundry = foundry_rows(args.published)
     _table("Step time, llm-foundry (not used in developing the model)", foundry, "seconds per step")

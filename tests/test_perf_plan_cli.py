@@ -14,7 +14,7 @@ from zhilu.plan import Plan
 
 PLAN_KEYS = {"plan", "dp", "tp", "pp", "zero", "sp", "micro_batch", "mb", "schedule", "vstages", "recompute",
              "precision", "step_time_s", "tokens_per_s", "model_tflops_per_gpu", "mfu", "peak_tflops",
-             "memory_gib_per_device", "fits", "breakdown"}
+             "memory_gib_per_device", "fits", "breakdown", "error_band"}
 BREAKDOWN_KEYS = {"compute", "recompute", "tp_comm", "pp_comm", "dp_comm_exposed", "bubble", "optimizer", "other"}
 JOB = ["--model", "llama3-8b", "--seq-len", "4096", "--global-batch", "64", "--gpus", "16", "--hardware", "h100-sxm"]
 
@@ -36,6 +36,9 @@ def test_json_is_the_contract(capsys):
         assert p["micro_batch"] * p["mb"] * p["dp"] == 64  # sequences per micro-batch, micro-batches, replicas
         assert sum(p["breakdown"].values()) == pytest.approx(p["step_time_s"])
         assert p["peak_tflops"] == 989 and p["mfu"] == pytest.approx(p["model_tflops_per_gpu"] / p["peak_tflops"])
+        band = p["error_band"]  # from the published runs of its regime (zhilu.perf.confidence)
+        assert set(band) == {"low_s", "high_s", "rows", "regime"} and band["rows"] >= 5
+        assert band["low_s"] < band["high_s"]
     times = [p["step_time_s"] for p in out["plans"]]
     assert times == sorted(times)
 
@@ -84,6 +87,7 @@ def test_a_model_by_shape_and_the_time_to_train(capsys):
     assert p["time_to_train_s"] == pytest.approx(1e6 / p["tokens_per_s"])
     assert p["device_hours"] == pytest.approx(p["time_to_train_s"] * 2 / 3600)
     assert p["energy_kwh"] == pytest.approx(p["device_hours"] * 60 / 1000)
+    assert p["error_band"] is None  # the published runs are all on accelerators
 
 
 def test_the_table_fits_100_columns_and_gives_each_row_its_spec(capsys):
@@ -96,7 +100,7 @@ def test_the_table_fits_100_columns_and_gives_each_row_its_spec(capsys):
     assert max(map(len, table)) <= 100
     rows = [line for line in table if line[:3].strip().isdigit()]
     assert len(rows) == 3  # one line each
-    specs = out[out.index("zhilu train --plan SPEC for each row:"):].splitlines()[1:4]
+    specs = out[out.index("zhilu train --plan SPEC for each row"):].splitlines()[1:4]
     assert [line.split()[0] for line in specs] == ["1", "2", "3"]
     assert all(Plan.parse(line.split()[1], 3072).world_size == 3072 for line in specs)
 

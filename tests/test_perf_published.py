@@ -49,3 +49,12 @@ def test_llmfoundry_errors_do_not_regress():
     # was not developed on
     med, worst, _ = published.summary(published.foundry_rows(published.DEFAULT_DIR))
     assert med <= 0.074 and worst <= 0.369, f"median {med:.1%}, max {worst:.1%}"
+
+
+def test_the_error_bands_of_zhilu_plan_are_what_the_benchmark_measures():
+    from zhilu.perf import error_bands
+
+    root = published.DEFAULT_DIR
+    ratios = published.band_ratios(published.step_rows(root) + published.foundry_rows(root))
+    assert error_bands.RATIOS == ratios, "run python benchmarks/published.py --write-bands"
+    assert published.BANDS_FILE.read_text() == published.bands_source(ratios)

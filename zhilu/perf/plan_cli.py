@@ -7,7 +7,8 @@
 Degrees and choices given (``--tp 8 --pp 4 ...``) are kept; the rest is searched.
 ``--software NAME`` predicts for another training stack than zhilu's own
 (:data:`zhilu.perf.software.STACKS`). ``--json`` prints ``{"plans": [...], "best": 0,
-"software": NAME}`` (DESIGN.md section 3); with ``--tokens`` each plan also
+"software": NAME}`` (DESIGN.md section 3), each plan with its ``error_band``
+(:mod:`zhilu.perf.confidence`, null where no published runs are of its kind); with ``--tokens`` each plan also
 has ``time_to_train_s``, ``device_hours`` and ``energy_kwh`` (devices only). No torch here: the
 answer comes from the analytic model in :mod:`zhilu.perf` (docs/perf_model.md).
 """
@@ -23,6 +24,7 @@ from typing import Any
 
 from zhilu.errors import ZhiluError
 from zhilu.models.presets import PRESETS, GPTConfig, preset
+from zhilu.perf.confidence import Band, band
 from zhilu.perf.device import Cluster
 from zhilu.perf.flops import Transformer
 from zhilu.perf.hardware_file import cluster
@@ -102,10 +104,12 @@ def run(args: argparse.Namespace) -> int:
         fixed.setdefault("schedule", "interleaved")
     model = Transformer(config, seq_len)
     estimates = _distinct(search(model, hw, global_batch, fixed=fixed, software=software), top)
+    # the published runs are all on accelerators: they say nothing of a CPU's
+    bands = [None if hw.device.synchronous else band(e.plan, e.step_time_s, software.name) for e in estimates]
     if args.json:
-        print(json.dumps(_json(estimates, args.tokens, hw.device.power_w, software.name), indent=1))
+        print(json.dumps(_json(estimates, bands, args.tokens, hw.device.power_w, software.name), indent=1))
     else:
-        _table(estimates, model, hw, global_batch, args.tokens, software.name)
+        _table(estimates, bands, model, hw, global_batch, args.tokens, software.name)
     return 0
 
 
@@ -162,17 +166,18 @@ def _training(e: Estimate, tokens: float, devices: int, power_w: float) -> dict[
     return {"time_to_train_s": seconds, "device_hours": hours, "energy_kwh": hours * power_w / 1000}
 
 
-def _json(estimates: list[Estimate], tokens: float | None, power_w: float, software: str) -> dict[str, Any]:
+def _json(estimates: list[Estimate], bands: list[Band | None], tokens: float | None, power_w: float,
+          software: str) -> dict[str, Any]:
     plans = []
-    for e in estimates:
-        entry = e.as_dict()
+    for e, b in zip(estimates, bands):
+        entry = {**e.as_dict(), "error_band": b.as_dict() if b else None}
         if tokens is not None:
             entry.update(_training(e, tokens, e.plan.dp * e.plan.tp * e.plan.pp, power_w))
         plans.append(entry)
     return {"plans": plans, "best": 0 if estimates and estimates[0].fits else None, "software": software}
 
 
-def _table(estimates: list[Estimate], model: Transformer, hw: Cluster, global_batch: int,
+def _table(estimates: list[Estimate], bands: list[Band | None], model: Transformer, hw: Cluster, global_batch: int,
            tokens: float | None, software: str) -> None:
     from rich import box
     from rich.console import Console
@@ -213,9 +218,11 @@ def _table(estimates: list[Estimate], model: Transformer, hw: Cluster, global_ba
                   "GiB/dev: memory per device (weights, gradients, optimizer state, activations, buffers), "
                   "! = does not fit; time goes to: share of the step (tp/pp: exposed tensor/pipeline-parallel "
                   "traffic; dp: exposed data-parallel traffic)")
-    console.print("zhilu train --plan SPEC for each row:")
-    for i, e in enumerate(estimates):
-        console.print(f"  {i + 1}  {e.plan.spec()}", soft_wrap=True)
+    console.print("zhilu train --plan SPEC for each row, with the range 80% of published runs of its kind fell in:")
+    for i, (e, b) in enumerate(zip(estimates, bands)):
+        trust = (f"({b.low_s:.3g}-{b.high_s:.3g} s: {b.rows} published runs, {b.regime})" if b
+                 else "(no published runs of its kind)")
+        console.print(f"  {i + 1}  {e.plan.spec()}  {trust}", soft_wrap=True)
     if tokens is not None and estimates:
         t = _training(estimates[0], tokens, hw.devices, hw.device.power_w)
         console.print(f"Plan 1 trains {tokens:.3g} tokens in {t['time_to_train_s'] / 86400:.2f} days: "
