@@ -49,18 +49,17 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from zhilu.durable import fsync_dir, write_atomic
 from zhilu.training import faults as fault_injection
 from zhilu.training.checkpoint_files import (
     Unusable,
     candidates,
     changed_files,
-    fsync_dir,
     latest_checkpoint,
     name_of,
     read_manifest,
     refuse_none_good,
     verify,
-    write_atomic,
 )
 from zhilu.training.dcp_reader import CheckpointReader
 from zhilu.training.direct_io import DirectWriter, sha256_direct

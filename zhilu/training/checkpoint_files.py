@@ -10,14 +10,13 @@ continues from the newest good checkpoint, and names what it passed over.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from zhilu.durable import sha256
 from zhilu.errors import ZhiluError
 from zhilu.training.dcp_reader import FIELD, CheckpointReader, plain
 
@@ -151,31 +150,3 @@ def verify(path: Path) -> dict[str, Any]:
         return check(path)
     except Unusable as e:
         raise ZhiluError(FIELD, f"{path} {e}; zhilu refuses to load it") from None
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``path`` so that a reader, or a crash, sees the old file or the new one whole."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a directory's entries (new names, renames) durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
