@@ -3,6 +3,8 @@
     zhilu train [CONFIG.toml] [--model PRESET|FILE.py:NAME|hf:DIR] [--nproc N] [--plan SPEC] [--section.key VALUE ...]
     zhilu plan --model llama3-8b --seq-len 8192 --global-batch 64 --gpus 64 --hardware h100-sxm
     zhilu calibrate [--nproc N] [--out FILE]
+    zhilu data prepare SRC... --out DIR [--tokenizer bytes|bpe:VOCAB|hf:DIR] [--workers N]
+    zhilu data inspect DIR [--json]
 
 Exit codes: 0 success, 2 the input is wrong (one ``error:`` line on stderr), 1 a bug or a crash.
 """
@@ -19,7 +21,8 @@ from zhilu.errors import ZhiluError
 TRAIN_FLAGS: dict[str, tuple[str, str]] = {
     "--model": ("model.name", "a preset (gpt-tiny, gpt2-124m, gpt-1.3b, llama-1b, llama3-8b, llama3-70b), "
                 "FILE.py:NAME (a zhilu.ModelSpec) or hf:DIR (a transformers causal LM in a local directory)"),
-    "--data": ("data.path", "text file, folder of text files, or uint16 .bin tokens (default: the Python standard library)"),
+    "--data": ("data.path", "a dataset `zhilu data prepare` wrote, a text file, a folder of text files, or uint16 .bin "
+               "tokens (default: the Python standard library)"),
     "--nproc": ("launch.nproc", "local processes (default: one per GPU; on CPU dp x tp x pp of --plan, else 1)"),
     "--plan": ("parallel.plan", "key=value list of dp, tp, pp, zero, mb, schedule, vstages, sp, recompute, "
                "avg_every, avg_groups, precision, e.g. dp=2,tp=2,zero=3; or auto: the fastest plan the performance "
@@ -153,10 +156,20 @@ def calibrate(argv: list[str]) -> int:
         return 1
 
 
+def data(argv: list[str]) -> int:
+    from zhilu.data import cli as data_cli
+
+    parser = _Parser(prog="zhilu data", description="Prepare a corpus for training (clean, deduplicate, tokenize, "
+                     "shard, manifest) and inspect prepared datasets.")
+    data_cli.add_arguments(parser)
+    return data_cli.run(parser.parse_args(argv))
+
+
 COMMANDS = {
     "train": (train, "train a model with a parallel plan"),
     "plan": (plan, "predict step time and memory of plans and pick the fastest that fits"),
     "calibrate": (calibrate, "measure this machine and write its hardware file"),
+    "data": (data, "prepare a corpus (clean, deduplicate, tokenize, shard) and inspect prepared datasets"),
 }
 
 

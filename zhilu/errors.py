@@ -17,3 +17,6 @@ class ZhiluError(Exception):
         self.field = field
         self.message = message
         super().__init__(f"{field}: {message}")
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:  # raised in a worker process, shown by the parent
+        return (ZhiluError, (self.field, self.message))

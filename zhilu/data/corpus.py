@@ -87,7 +87,12 @@ def _load(path: str | None, val_fraction: float) -> Corpus:
     return Corpus(train, val, 256, f"text file {p} ({_mb(len(data))})")
 
 
-def _stdlib_corpus(val_fraction: float) -> Corpus:
+STDLIB_NAME = f"python{sys.version_info.major}.{sys.version_info.minor} standard library"
+
+
+def stdlib_files() -> dict[str, Path]:
+    """The standard library's ``.py`` files by relative path, sorted, without site-packages,
+    dist-packages and the folders named ``test``, ``tests`` or ``idle_test``."""
     root = sysconfig.get_paths()["stdlib"]
     files: dict[str, Path] = {}
     for folder, dirs, names in os.walk(root):
@@ -96,10 +101,13 @@ def _stdlib_corpus(val_fraction: float) -> Corpus:
             if name.endswith(".py"):
                 full = Path(folder, name)
                 files[full.relative_to(root).as_posix()] = full
-    contents = {rel: full.read_bytes() for rel, full in sorted(files.items())}
+    return dict(sorted(files.items()))
+
+
+def _stdlib_corpus(val_fraction: float) -> Corpus:
+    contents = {rel: full.read_bytes() for rel, full in stdlib_files().items()}
     train, val = _split_files(contents, val_fraction)
-    name = f"python{sys.version_info.major}.{sys.version_info.minor} standard library"
-    return Corpus(train, val, 256, f"{name} ({len(contents)} files, {_mb(len(train) + len(val))})")
+    return Corpus(train, val, 256, f"{STDLIB_NAME} ({len(contents)} files, {_mb(len(train) + len(val))})")
 
 
 def _folder_corpus(root: Path, val_fraction: float) -> Corpus:
