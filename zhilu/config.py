@@ -42,9 +42,12 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    path: str = setting("", "text file, folder of text files or uint16 .bin tokens; empty: the Python standard "
-                            "library (ignored by a model that brings its own dataset)")
-    val_fraction: float = setting(0.05, "share of the files (or of the bytes of one file) held out for validation")
+    path: str = setting("", "a dataset `zhilu data prepare` wrote, a text file, a folder of text files or uint16 "
+                            ".bin tokens; empty: the Python standard library (ignored by a model that brings its "
+                            "own dataset)")
+    val_fraction: float = setting(0.05, "share of the files (or of the bytes of one file) held out for validation "
+                                        "(a prepared dataset has its own split)")
+    allow_changed: bool = setting(False, "let --resume continue on data other than the data the run trained on")
 
 
 @dataclass

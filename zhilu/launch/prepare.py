@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from zhilu.config import JobConfig, dump_toml
+from zhilu.durable import write_atomic
 from zhilu.errors import ZhiluError
 from zhilu.launch import fits, run_dir
 from zhilu.launch.local import under_torchrun
@@ -79,7 +80,7 @@ def prepare(cfg: JobConfig, spec: ModelSpec | None = None, dry_run: bool = False
     spec.check_plan(plan)
     fits.check(cfg, spec, plan, device, nproc, hw_source)  # before the data: a huge batch is refused, not built
     plan.check_batch(cfg.train.global_batch)
-    describe(cfg, spec)  # the data exists and fits the model
+    data = describe(cfg, spec)  # the data exists, is intact and fits the model
 
     if launch.port and not under_torchrun():
         _check_port_free(launch.port)
@@ -87,8 +88,10 @@ def prepare(cfg: JobConfig, spec: ModelSpec | None = None, dry_run: bool = False
     stem = Path(spec.name).name.replace(":", "-")
     out = Path(cfg.run.out or f"runs/{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     rank0 = int(os.environ.get("RANK", 0)) == 0  # under torchrun only global rank 0 locks and writes
-    run_dir.check(out, cfg.checkpoint.resume, int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0, rank0,
-                  cfg.train.steps)
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
+    run_dir.check(out, cfg.checkpoint.resume, restarted, rank0, cfg.train.steps)
+    run_dir.check_data(out, data.fingerprint, data.description, cfg.checkpoint.resume or restarted,
+                       cfg.data.allow_changed)
 
     resolved = replace(
         cfg,
@@ -98,9 +101,8 @@ def prepare(cfg: JobConfig, spec: ModelSpec | None = None, dry_run: bool = False
     )
     if rank0 and not dry_run:
         run_dir.acquire(out)  # held until launch() ends: a second run on `out` is refused
-        tmp = out / "config.toml.tmp"
-        tmp.write_text(dump_toml(resolved))
-        os.replace(tmp, out / "config.toml")
+        write_atomic(out / "config.toml", dump_toml(resolved))
+        run_dir.write_data(out, data.fingerprint, data.description)
     return resolved, plan, spec
 
 

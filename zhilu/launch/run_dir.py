@@ -27,6 +27,7 @@ from zhilu.launch.local import under_torchrun
 
 FIELD = "run.out"
 LOCK = ".lock"
+DATA = "data.json"
 CONFIG = "config.toml"
 _held: dict[Path, int] = {}  # run directory (resolved) -> descriptor of its .lock, flocked by this process
 
@@ -84,6 +85,33 @@ def check(out: Path, resume: bool, restarted: bool, locks: bool, steps: int | No
     if steps is not None and isinstance(step, int) and step >= steps and _ended(out) == "finished":
         raise ZhiluError("checkpoint.resume", f"{out} has finished its {steps} steps (its newest checkpoint is of step "
                                               f"{step}); valid: --steps larger than {step} to train on")
+
+
+def check_data(out: Path, fingerprint: str | None, description: str, continuing: bool, allow_changed: bool) -> None:
+    """A run that goes on (``--resume``, a restart) reads the data it trained on (``data.json``),
+    unless ``data.allow_changed``."""
+    import json
+
+    if not continuing or fingerprint is None or allow_changed:
+        return
+    try:
+        before = json.loads((out / DATA).read_text())
+    except (OSError, ValueError):
+        return  # a run from before data.json, or one killed before it was written
+    if isinstance(before, dict) and before.get("fingerprint") not in (None, fingerprint):
+        raise ZhiluError("data.path", f"{out} trained on {before.get('description')} (SHA-256 "
+                                      f"{str(before.get('fingerprint'))[:12]}), this run reads {description} (SHA-256 "
+                                      f"{fingerprint[:12]}); valid: the run's data, or --data.allow_changed true to "
+                                      "continue on this data")
+
+
+def write_data(out: Path, fingerprint: str | None, description: str) -> None:
+    """Record in ``data.json`` which data the run reads."""
+    import json
+
+    from zhilu.durable import write_atomic
+
+    write_atomic(out / DATA, json.dumps({"description": description, "fingerprint": fingerprint}, indent=1) + "\n")
 
 
 def _ended(out: Path) -> object:

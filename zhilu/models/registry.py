@@ -19,7 +19,7 @@ from zhilu.spec import ModelSpec
 FIELD = "model.name"
 SHAPE_KEYS = ("n_layers", "hidden", "n_heads", "n_kv_heads", "ffn_hidden")
 
-# name -> factory(shape overrides, seq_len) -> ModelSpec
+# name -> factory(shape overrides (and vocab_size on a prepared dataset), seq_len) -> ModelSpec
 REGISTRY: dict[str, Callable[[dict[str, int], int], ModelSpec]] = {}
 
 
@@ -43,15 +43,22 @@ for _name in PRESETS:
 
 
 def spec_of(cfg: JobConfig) -> ModelSpec:
-    """The spec of the model a job configuration names (``model.name`` and the shape overrides)."""
-    return resolve(cfg.model.name, {k: getattr(cfg.model, k) for k in SHAPE_KEYS}, cfg.train.seq_len)
+    """The spec of the model a job configuration names (``model.name`` and the shape overrides);
+    on a prepared dataset a preset takes the dataset's vocabulary."""
+    from zhilu.data.manifest import vocab_size
+
+    return resolve(cfg.model.name, {k: getattr(cfg.model, k) for k in SHAPE_KEYS}, cfg.train.seq_len,
+                   vocab_size(cfg.data.path))
 
 
-def resolve(name: str, shape: dict[str, int] | None = None, seq_len: int = 0) -> ModelSpec:
-    """The spec ``name`` refers to; ``shape`` overrides a preset's shape (``n_layers``, ``hidden``, ...)."""
+def resolve(name: str, shape: dict[str, int] | None = None, seq_len: int = 0, vocab_size: int = 0) -> ModelSpec:
+    """The spec ``name`` refers to; ``shape`` overrides a preset's shape (``n_layers``, ``hidden``, ...) and
+    ``vocab_size`` its vocabulary, rounded up to a multiple of 128 (Megatron-LM's
+    ``--make-vocab-size-divisible-by`` default: the embedding splits evenly over tensor-parallel ranks)."""
     shape = {k: v for k, v in (shape or {}).items() if v}
     if name in REGISTRY:
-        spec = REGISTRY[name](shape, seq_len)
+        vocab = {"vocab_size": -(-vocab_size // 128) * 128} if vocab_size else {}
+        spec = REGISTRY[name]({**shape, **vocab}, seq_len)
     else:
         if shape:
             key = next(iter(shape))

@@ -26,7 +26,8 @@ ENDINGS = ("finished", "aborted", "preempted", "failed", "interrupted")
 MEASURED = ("plan", "world_size", "device", "model", "params", "steps", "seq_len", "global_batch", "hardware",
             "predicted_step_time_s", "measured_step_time_s", "prediction_error", "predicted_breakdown",
             "predicted_memory_mib_per_rank", "tokens_per_s", "mfu", "peak_tflops", "final_loss", "final_val_loss",
-            "wall_s", "memory_mib_per_rank", "sample", "explain", "last_step", "bad_steps", "final_params_sha256")
+            "final_val_loss_per_byte", "wall_s", "memory_mib_per_rank", "sample", "explain", "last_step", "bad_steps",
+            "final_params_sha256")
 
 
 def recovery(history: list[dict[str, Any]]) -> dict[str, Any]:
@@ -106,6 +107,8 @@ def run_summary(self: Any, ended: str, error: str | None, last_loss: float | Non
         "peak_tflops": self.peak_tflops,
         "final_loss": last_loss,
         "final_val_loss": val_loss,
+        "final_val_loss_per_byte": val_loss / self.data.bytes_per_token
+        if val_loss is not None and self.data.bytes_per_token else None,
         "wall_s": wall_s,
         **recovery(self.history),
         "bad_steps": self.bad.seen,

@@ -207,6 +207,7 @@ class Trainer:
             f"[bold]zhilu[/] {self.spec.name} ({self.num_params / 1e6:.1f}M params) plan {self.plan.describe()} on "
             f"{env.world_size} x {self.device.type}, {shape}" + (f", resumed at step {self.step}" if self.step else "")
         )
+        progress.print(f"data: {self.data.description}")
         if self.prediction is not None:
             progress.print(predict.describe(self.prediction, self.cfg.parallel.hardware))
         wall_start = time.perf_counter()
@@ -249,6 +250,8 @@ class Trainer:
                 record = self._record(step, last_loss, norm.item(), step_time)
                 if evaluate:
                     val_loss = record["val_loss"] = self.evaluate()
+                    if self.data.bytes_per_token:
+                        record["val_loss_per_byte"] = val_loss / self.data.bytes_per_token
                 if self.metrics is not None:
                     self.metrics.write(record)
                 progress.update(step, record)
