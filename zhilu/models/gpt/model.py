@@ -22,13 +22,14 @@ INIT_STD = 0.02
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate ``x`` [b, t, heads, head_dim] by position (``cos``/``sin``: [t, head_dim/2]).
+    """Rotate ``x`` [b, t, heads, head_dim] by position (``cos``/``sin``: [t, head_dim/2], or
+    [b, t, head_dim/2] when each row has its own positions).
 
     Pairs are the two halves of each head, (x[i], x[i + head_dim/2]), as in GPT-NeoX and
     Hugging Face Llama. The rotation is done in fp32 and cast back to ``x.dtype``.
     """
     x1, x2 = x.float().chunk(2, dim=-1)
-    cos, sin = cos[:, None, :].float(), sin[:, None, :].float()
+    cos, sin = cos[..., None, :].float(), sin[..., None, :].float()
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
 
 
@@ -48,16 +49,67 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.hidden, kv_width, bias=False)
         self.wo = nn.Linear(cfg.hidden, cfg.hidden, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: LayerCache | None = None) -> Tensor:
         b, t, _ = x.shape
-        cos, sin = cos[:t], sin[:t]
+        if cache is None:
+            cos, sin = cos[:t], sin[:t]
         q = self.wq(x).view(b, t, -1, self.head_dim)
         k = self.wk(x).view(b, t, -1, self.head_dim)
         v = self.wv(x).view(b, t, -1, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.size(1) != q.size(1))
+        if cache is None:
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.size(1) != q.size(1))
+        else:
+            k, v, mask = cache.update(k, v)
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask,
+                                               enable_gqa=k.size(1) != q.size(2))
         return self.wo(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class LayerCache:
+    """One layer's view of a :class:`KVCache` for one forward call."""
+
+    def __init__(self, k: Tensor, v: Tensor, rows: Tensor, positions: Tensor) -> None:
+        self.k, self.v, self.rows, self.positions = k, v, rows, positions
+
+    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Store ``k``/``v`` [b, t, kv_heads, head_dim]; return the keys and values of the rows'
+        sequences [b, kv_heads, n, head_dim] up to the last position written, and the mask
+        [b, 1, t, n] of the positions each query may attend to (its own and earlier)."""
+        self.k[self.rows[:, None], :, self.positions] = k
+        self.v[self.rows[:, None], :, self.positions] = v
+        n = int(self.positions.max()) + 1
+        mask = torch.arange(n, device=k.device) <= self.positions[:, None, :, None]
+        return self.k[self.rows, :, :n], self.v[self.rows, :, :n], mask
+
+
+class KVCache:
+    """Keys and values [layers, sequences, kv_heads, max_len, head_dim] of sequences being decoded.
+
+    ``select(rows, positions)`` names, for the next forward, which sequence each input row
+    continues and at which positions. A sequence's slot is reused by writing from position 0:
+    what the earlier one left at later positions is masked until overwritten.
+    """
+
+    def __init__(self, k: Tensor, v: Tensor, layer_index: dict[int, int]) -> None:
+        self.k, self.v, self._index = k, v, layer_index
+        self.rows = self.positions = torch.zeros(0, dtype=torch.long)
+
+    @property
+    def max_len(self) -> int:
+        return self.k.size(3)
+
+    def select(self, rows: Tensor, positions: Tensor) -> KVCache:
+        """Let the next forward continue sequences ``rows`` [b] at ``positions`` [b, t]."""
+        if int(positions.max()) >= self.max_len:
+            raise ValueError(f"position {int(positions.max())} is past the cache's {self.max_len} tokens")
+        self.rows, self.positions = rows.to(self.k.device), positions.to(self.k.device)
+        return self
+
+    def layer(self, name: int) -> LayerCache:
+        i = self._index[name]
+        return LayerCache(self.k[i], self.v[i], self.rows, self.positions)
 
 
 class FeedForward(nn.Module):
@@ -83,8 +135,8 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(cfg.hidden, eps=cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: LayerCache | None = None) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -149,21 +201,35 @@ class GPT(nn.Module):
             generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
             param.copy_(torch.empty(param.shape).normal_(0.0, std, generator=generator))
 
-    def forward(self, tokens: Tensor) -> Tensor:
+    def forward(self, tokens: Tensor, cache: KVCache | None = None) -> Tensor:
         """Token ids [b, t] -> logits [b, t, vocab].
 
         In a pipeline stage without ``tok_embeddings`` the input is hidden states
-        [b, t, hidden]; without ``norm``/``output`` the hidden states are returned.
+        [b, t, hidden]; without ``norm``/``output`` the hidden states are returned. With a
+        ``cache`` (see :meth:`make_cache`, :meth:`KVCache.select`) row ``i`` of ``tokens`` is the
+        next tokens of the cache's sequence ``rows[i]`` at positions ``positions[i]``; their keys
+        and values are stored and attention covers every earlier position of that sequence.
         """
         t = tokens.size(1)  # under sequence parallelism a later stage sees only its share
-        if t > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {t} tokens is longer than max_seq_len={self.cfg.max_seq_len}")
-        cos, sin = self.rope_cos, self.rope_sin  # each attention takes the first t rows
+        if cache is None:
+            if t > self.cfg.max_seq_len:
+                raise ValueError(f"sequence of {t} tokens is longer than max_seq_len={self.cfg.max_seq_len}")
+            cos, sin = self.rope_cos, self.rope_sin  # each attention takes the first t rows
+        else:
+            cos, sin = self.rope_cos[cache.positions], self.rope_sin[cache.positions]
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        for layer in self.layers.values():
-            h = layer(h, cos, sin)
+        for name, layer in self.layers.items():
+            h = layer(h, cos, sin, cache.layer(int(name)) if cache is not None else None)
         h = self.norm(h) if self.norm is not None else h
         return self.output(h) if self.output is not None else h
+
+    def make_cache(self, sequences: int, max_len: int | None = None) -> KVCache:
+        """An empty key/value cache for ``sequences`` sequences of up to ``max_len`` tokens (default max_seq_len)."""
+        p = self.layers[next(iter(self.layers))].attention.wk.weight
+        shape = (len(self.layers), sequences, self.cfg.kv_heads, max_len or self.cfg.max_seq_len, self.cfg.head_dim)
+        return KVCache(torch.zeros(shape, dtype=p.dtype, device=p.device),
+                       torch.zeros(shape, dtype=p.dtype, device=p.device),
+                       {int(name): i for i, name in enumerate(self.layers)})
 
     @property
     def num_params(self) -> int:
