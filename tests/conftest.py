@@ -5,9 +5,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -101,3 +106,55 @@ def losses(run_dir: Path) -> list[float]:
 @pytest.fixture
 def run_dir(tmp_path: Path) -> Path:
     return tmp_path / "run"
+
+
+KEY = "sk-test-key"  # the API key the serving tests start servers with
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``zhilu serve RUN_DIR ARGS`` on a free loopback port, until closed."""
+
+    def __init__(self, run: Path, *args: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "ZHILU_API_KEY": ""}
+        self.proc = subprocess.Popen([sys.executable, "-m", "zhilu", "serve", str(run), "--port", str(self.port),
+                                      *args], stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(self.proc.stderr.read() if self.proc.stderr else "the server exited")
+            try:
+                with urllib.request.urlopen(self.url + "/healthz", timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.2)
+        raise AssertionError("the server did not answer /healthz")
+
+    def client(self, key: str = KEY) -> Any:
+        """An ``openai.OpenAI`` client of this server."""
+        import openai
+
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=60)
+
+    def post(self, path: str, body: bytes, key: str = KEY) -> tuple[int, dict]:
+        req = urllib.request.Request(self.url + path, body, {"Authorization": f"Bearer {key}",
+                                                             "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()

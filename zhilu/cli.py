@@ -5,6 +5,8 @@
     zhilu calibrate [--nproc N] [--out FILE]
     zhilu data prepare SRC... --out DIR [--tokenizer bytes|bpe:VOCAB|hf:DIR] [--workers N]
     zhilu data inspect DIR [--json]
+    zhilu serve RUN_DIR [--port 8000] [--reload] [--api-key KEY]
+    zhilu generate RUN_DIR --prompt TEXT [--max-tokens N] [--temperature T]
 
 Exit codes: 0 success, 2 the input is wrong (one ``error:`` line on stderr), 1 a bug or a crash.
 """
@@ -165,11 +167,31 @@ def data(argv: list[str]) -> int:
     return data_cli.run(parser.parse_args(argv))
 
 
+def serve(argv: list[str]) -> int:
+    from zhilu.serve import cli as serve_cli
+
+    parser = _Parser(prog="zhilu serve", description="Serve a run's newest good checkpoint with OpenAI's API "
+                     "(/v1/completions, /v1/chat/completions, /v1/models, /healthz, /metrics), batching requests "
+                     "continuously.")
+    serve_cli.add_serve_arguments(parser)
+    return serve_cli.serve(parser.parse_args(argv))
+
+
+def generate(argv: list[str]) -> int:
+    from zhilu.serve import cli as serve_cli
+
+    parser = _Parser(prog="zhilu generate", description="Continue a prompt with a run's newest good checkpoint.")
+    serve_cli.add_generate_arguments(parser)
+    return serve_cli.generate(parser.parse_args(argv))
+
+
 COMMANDS = {
     "train": (train, "train a model with a parallel plan"),
     "plan": (plan, "predict step time and memory of plans and pick the fastest that fits"),
     "calibrate": (calibrate, "measure this machine and write its hardware file"),
     "data": (data, "prepare a corpus (clean, deduplicate, tokenize, shard) and inspect prepared datasets"),
+    "serve": (serve, "serve a trained run with OpenAI's API, continuous batching and reloads"),
+    "generate": (generate, "continue a prompt with a trained run's model"),
 }
 
 

@@ -1,0 +1,1 @@
+"""Serving what was trained: ``zhilu serve`` (an OpenAI-compatible server), ``zhilu generate``."""
