@@ -7,6 +7,7 @@
     zhilu data inspect DIR [--json]
     zhilu serve RUN_DIR [--port 8000] [--reload] [--api-key KEY]
     zhilu generate RUN_DIR --prompt TEXT [--max-tokens N] [--temperature T]
+    zhilu export RUN_DIR --out DIR
 
 Exit codes: 0 success, 2 the input is wrong (one ``error:`` line on stderr), 1 a bug or a crash.
 """
@@ -185,6 +186,15 @@ def generate(argv: list[str]) -> int:
     return serve_cli.generate(parser.parse_args(argv))
 
 
+def export(argv: list[str]) -> int:
+    from zhilu.serve import export as exporter
+
+    parser = _Parser(prog="zhilu export", description="Write a run's newest good checkpoint as safetensors and a "
+                     "JSON config (a transformers directory for an hf:DIR model).")
+    exporter.add_arguments(parser)
+    return exporter.run(parser.parse_args(argv))
+
+
 COMMANDS = {
     "train": (train, "train a model with a parallel plan"),
     "plan": (plan, "predict step time and memory of plans and pick the fastest that fits"),
@@ -192,6 +202,7 @@ COMMANDS = {
     "data": (data, "prepare a corpus (clean, deduplicate, tokenize, shard) and inspect prepared datasets"),
     "serve": (serve, "serve a trained run with OpenAI's API, continuous batching and reloads"),
     "generate": (generate, "continue a prompt with a trained run's model"),
+    "export": (export, "write a trained run's model as safetensors"),
 }
 
 
