@@ -36,11 +36,18 @@ def test_a_regime_with_few_runs_borrows_from_its_strategy_and_scale_then_its_str
     b = band(Plan(dp=64, zero=3), 1.0, "zhilu")
     assert b.regime == "fsdp, 9-64 devices"
     assert b.rows == sum(len(v) for k, v in RATIOS.items() if k.startswith("fsdp, 9-64 devices, "))
-    few = [k for k in RATIOS if k.startswith("tp, 65-512 devices, ")]
-    if sum(len(RATIOS[k]) for k in few) < MIN_ROWS:
-        assert band(Plan(dp=16, tp=8), 1.0, "torchtitan").regime == "tp"
+    enough = [1.0 + i / 100 for i in range(MIN_ROWS)]
+    table = {"tp, 65-512 devices, software megatron": enough[:2],  # too few at this scale
+             "tp, 9-64 devices, software megatron": enough[2:]}
+    tp = Plan(dp=16, tp=8)
+    assert band(tp, 1.0, "megatron", table).regime == "tp" and band(tp, 1.0, "megatron", table).rows == MIN_ROWS
+    table["tp, 65-512 devices, software torchtitan"] = enough
+    assert band(tp, 1.0, "megatron", table).regime == "tp, 65-512 devices"
+    assert band(tp, 1.0, "torchtitan", table).regime == "tp, 65-512 devices, software torchtitan"
 
 
 def test_no_band_without_enough_published_runs_of_the_strategy():
-    dp_runs = sum(len(v) for k, v in RATIOS.items() if k.startswith("dp, "))
-    assert (band(Plan(dp=2, zero=1), 1.0, "zhilu") is None) == (dp_runs < MIN_ROWS)
+    few = {"dp, 1-8 devices, software ddp": [1.0] * (MIN_ROWS - 1), "tp, 1-8 devices, software ddp": [1.0] * 20}
+    assert band(Plan(dp=2, zero=1), 1.0, "zhilu", few) is None
+    few["dp, 9-64 devices, software ddp"] = [1.1]
+    assert band(Plan(dp=2, zero=1), 1.0, "zhilu", few) is not None

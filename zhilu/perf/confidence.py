@@ -13,6 +13,7 @@ stack, strategy and scale; else strategy and scale; else strategy. Pure Python.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from statistics import quantiles
 
@@ -52,15 +53,18 @@ def regime(plan: Plan, software: str) -> str:
     return f"{strategy(plan)}, {scale(plan.dp * plan.tp * plan.pp)} devices, software {software}"
 
 
-def band(plan: Plan, step_time_s: float, software: str) -> Band | None:
+def band(plan: Plan, step_time_s: float, software: str,
+         table: Mapping[str, Sequence[float]] | None = None) -> Band | None:
     """The range around ``step_time_s`` that the published runs of ``plan``'s regime support,
-    or None where fewer than :data:`MIN_ROWS` published runs share even its strategy."""
-    from zhilu.perf.error_bands import RATIOS
+    or None where fewer than :data:`MIN_ROWS` published runs share even its strategy.
+    ``table``: regime -> published / predicted ratios (default :data:`zhilu.perf.error_bands.RATIOS`)."""
+    if table is None:
+        from zhilu.perf.error_bands import RATIOS as table
 
     key = regime(plan, software)
     for parts in (3, 2, 1):
         prefix = ", ".join(key.split(", ")[:parts])
-        ratios = [r for k, rs in RATIOS.items() if k == prefix or k.startswith(prefix + ", ") for r in rs]
+        ratios = [r for k, rs in table.items() if k == prefix or k.startswith(prefix + ", ") for r in rs]
         if len(ratios) >= MIN_ROWS:
             deciles = quantiles(ratios, n=10, method="inclusive")
             return Band(step_time_s * deciles[0], step_time_s * deciles[-1], len(ratios), prefix)
