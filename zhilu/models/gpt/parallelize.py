@@ -29,8 +29,8 @@ SP_PLAN: dict[str, object] = {
     "norm": "sequence_parallel",
     "layers.*.attention_norm": "sequence_parallel",
     "layers.*.ffn_norm": "sequence_parallel",
-    # attention(x, cos, sin): gather x along the sequence once for q, k and v
-    "layers.*.attention": PrepareModuleInput(input_layouts=(Shard(1), None, None),
-                                             desired_input_layouts=(Replicate(), None, None)),
+    # attention(x, cos, sin, cache): gather x along the sequence once for q, k and v
+    "layers.*.attention": PrepareModuleInput(input_layouts=(Shard(1), None, None, None),
+                                             desired_input_layouts=(Replicate(), None, None, None)),
     "layers.*.feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
 }
