@@ -106,6 +106,13 @@ class CheckpointSection:
 
 
 @dataclass
+class MetricsSection:
+    tensorboard: bool = setting(False, "write TensorBoard event files in <run>/tensorboard")
+    prometheus: int = setting(0, "serve Prometheus metrics on this port while training runs; 0: none")
+    host: str = setting("127.0.0.1", "address the Prometheus endpoint binds (0.0.0.0: every interface)")
+
+
+@dataclass
 class RunSection:
     out: str = setting("", "run directory; empty: runs/<model>-<time>")
 
@@ -118,6 +125,7 @@ class JobConfig:
     parallel: ParallelSection = field(default_factory=ParallelSection)
     launch: LaunchSection = field(default_factory=LaunchSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
     run: RunSection = field(default_factory=RunSection)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -181,6 +189,11 @@ class JobConfig:
         if not 0 <= self.launch.port <= 65535:
             raise ZhiluError("launch.port", f"must be 0 (pick a free port) or 1-65535, got {self.launch.port}")
         _at_least("launch.max_restarts", self.launch.max_restarts, 0)
+        if not 0 <= self.metrics.prometheus <= 65535:
+            raise ZhiluError("metrics.prometheus", f"must be 0 (no endpoint) or a port 1-65535, got "
+                                                   f"{self.metrics.prometheus}")
+        if not self.metrics.host.strip():
+            raise ZhiluError("metrics.host", "must be an address such as 127.0.0.1")
         _at_least("checkpoint.every", self.checkpoint.every, 0)
         _at_least("checkpoint.keep", self.checkpoint.keep, 0)
         if t.on_bad_step not in BAD_STEP_POLICIES:

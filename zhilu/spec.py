@@ -180,6 +180,14 @@ def resolve_patterns(model: nn.Module, plan: Mapping[str, Any]) -> dict[str, Any
     return out
 
 
+def flops_per_item(spec: ModelSpec, seq_len: int, inputs: Tensor, targets: Tensor) -> float:
+    """Model FLOPs of forward and backward per token (from a transformer's shape) or, with no
+    shape or no sequence, per sample (counted on one sample of ``inputs``)."""
+    if spec.shape is not None and seq_len:
+        return spec.shape.flops_per_token(seq_len)
+    return measure_flops(spec, inputs[:1], targets[:1]) / (seq_len or 1)
+
+
 def measure_flops(spec: ModelSpec, inputs: Tensor, targets: Tensor) -> float:
     """FLOPs of one forward and backward of ``spec``'s model on ``inputs``, counted on the meta device."""
     from torch.utils.flop_counter import FlopCounterMode

@@ -61,6 +61,29 @@ def apply_data_parallel(model: nn.Module, blocks: list[nn.Module], plan: Plan, e
     return model
 
 
+def on_bucket_launch(model: nn.Module, launched: Callable[[], None], done: Callable[[], None] | None = None) -> None:
+    """Call ``launched`` as DDP launches each gradient bucket's all-reduce and ``done`` (if
+    given) as it completes, before DDP reads the result. The all-reduce is DDP's own: gradients
+    divided by the group size, then summed. Nothing happens to a model that is not DDP."""
+    if not isinstance(model, DistributedDataParallel):
+        return
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    def hook(group, bucket):  # unannotated: DDP checks annotations, which are strings in this module
+        launched()
+        future = allreduce_hook(group, bucket)
+        if done is None:
+            return future
+
+        def finish(f: torch.futures.Future[torch.Tensor]) -> torch.Tensor:
+            done()
+            return f.value()
+
+        return future.then(finish)
+
+    model.register_comm_hook(model.process_group, hook)
+
+
 def settle_buckets(model: nn.Module, backward: Callable[[], None]) -> None:
     """Give a DDP model that resumes mid-run the gradient buckets the uninterrupted run had.
 

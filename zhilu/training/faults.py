@@ -9,6 +9,10 @@
     fail:rank=0:save=4:write=2    ... that write raises OSError instead
     flip:save=4                   once the save at step 4 is complete, a byte of its data flips
     kill:rank=1:step=5:attempt=1  ... on the job's second attempt (its first restart)
+    delay:term=data:ms=40:step=6  rank 0 sleeps 40 ms in each step's data term from step 6 on
+                                  (terms: data, optimizer, dp_comm: as each gradient all-reduce
+                                  completes; pipeline: busy before each micro-batch's forward)
+    slow:rank=1:percent=30        rank 1 spins for 30% more CPU time in each forward and backward
 
 A fault fires on the job's first attempt only (``attempt=0``; a restarted job runs clean)
 unless it names another, and ``rank`` defaults to 0. Steps count from 1 (the step being
@@ -19,12 +23,19 @@ from __future__ import annotations
 
 import os
 import signal
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import nn
 
 ENV = "ZHILU_FAULTS"
-KINDS = ("kill", "stop", "nan", "fail", "flip")
-KEYS = ("rank", "step", "save", "write", "batch", "attempt")
+KINDS = ("kill", "stop", "nan", "fail", "flip", "delay", "slow")
+KEYS = ("rank", "step", "save", "write", "batch", "attempt", "ms", "percent")
+DELAYED = ("data", "optimizer", "dp_comm", "pipeline")
 
 
 @dataclass(frozen=True)
@@ -36,6 +47,9 @@ class Fault:
     write: int = 0  # which file write of that save, from 1
     batch: int = -1  # the batch whose loss is NaN (nan)
     attempt: int = 0  # the attempt it fires on (0: the first)
+    term: str = ""  # the term a delay is added to (delay), from step ``step`` on
+    ms: int = 0  # milliseconds of delay (delay)
+    percent: int = 0  # extra compute, in per cent of the measured (slow)
 
 
 def parse(text: str) -> list[Fault]:
@@ -44,9 +58,14 @@ def parse(text: str) -> list[Fault]:
         kind, *pairs = item.split(":")
         if kind not in KINDS:
             raise ValueError(f"{ENV}: unknown fault {kind!r}; valid: {', '.join(KINDS)}")
-        values = {}
+        values: dict[str, int | str] = {}
         for pair in pairs:
             key, _, value = pair.partition("=")
+            if key == "term":
+                if value not in DELAYED:
+                    raise ValueError(f"{ENV}: term={value!r} in {item!r}; valid: {', '.join(DELAYED)}")
+                values[key] = value
+                continue
             if key not in KEYS or not value.isdigit():
                 raise ValueError(f"{ENV}: {pair!r} in {item!r}; valid: {', '.join(k + '=N' for k in KEYS)}")
             values[key] = int(value)
@@ -69,6 +88,41 @@ class Faults:
 
     def nan_at(self, batch: int) -> bool:
         return any(f.kind == "nan" and f.batch == batch for f in self.faults)
+
+    def delay_s(self, term: str, step: int) -> float:
+        """Seconds to add to ``term`` in step ``step``."""
+        return sum(f.ms for f in self.faults if f.kind == "delay" and f.term == term and step >= f.step) / 1e3
+
+    def sleep(self, term: str, step: int) -> None:
+        """Wait out ``term``'s delay: asleep, as on I/O; a pipeline stage busy, as on a slower stage."""
+        if not (seconds := self.delay_s(term, step)):
+            return
+        if term != "pipeline":
+            time.sleep(seconds)
+            return
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+
+    def comm_delay(self, step: Callable[[], int]) -> Callable[[], None] | None:
+        """What to call as each gradient all-reduce completes: sleep for the ``dp_comm`` delay of
+        step ``step()``; None when no fault delays it."""
+        if not any(f.kind == "delay" and f.term == "dp_comm" for f in self.faults):
+            return None
+        return lambda: self.sleep("dp_comm", step())
+
+    def delay_stages(self, parts: list[nn.Module], step: Callable[[], int]) -> None:
+        """Before each forward of a pipeline stage, wait out the ``pipeline`` delay of step ``step()``."""
+        if any(f.kind == "delay" and f.term == "pipeline" for f in self.faults):
+            for part in parts:
+                part.register_forward_pre_hook(lambda module, args: self.sleep("pipeline", step()))
+
+    def spin(self, seconds: float) -> None:
+        """Burn ``percent`` per cent of ``seconds`` more CPU time (a slow rank)."""
+        extra = sum(f.percent for f in self.faults if f.kind == "slow") / 100 * seconds
+        end = time.thread_time() + extra
+        while extra and time.thread_time() < end:
+            pass
 
     def begin_save(self, step: int) -> None:
         self.saving, self.writes = step, 0

@@ -8,8 +8,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
+
+import torch
+
+from zhilu.monitor.memory import peak_memory_gib
 
 
 class MetricsFile:
@@ -47,6 +52,32 @@ class MetricsFile:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def step_record(trainer: Any, step: int, loss: float, grad_norm: float, measured: dict[str, Any]) -> dict[str, Any]:
+    """The metrics.jsonl line of a logged step of ``trainer``; ``measured``: its step clock's interval."""
+    step_time = measured["step_time_s"]
+    device, prediction = trainer.device, trainer.prediction
+    record = {
+        "step": step,
+        "batch": trainer.loader.index,
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "lr": trainer.optimizers[0].param_groups[0]["lr"],
+        "step_time_s": step_time,
+        "tokens_per_s": trainer.items_per_step / step_time,
+        "mfu": trainer._mfu(step_time),
+        "mem_gib": peak_memory_gib(device),
+        "elapsed_s": time.perf_counter() - trainer.wall_start,
+        "eta_s": (trainer.cfg.train.steps - step) * step_time,
+        **{k: v for k, v in measured.items() if k != "step_time_s"},
+    }
+    if device.type == "cuda":
+        record["mem_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
+    if prediction is not None:
+        record["predicted_step_time_s"] = prediction.step_time_s
+        record["predicted"] = dict(prediction.breakdown)
+    return record
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

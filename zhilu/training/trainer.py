@@ -36,25 +36,33 @@ from zhilu.errors import ZhiluError
 from zhilu.hardware import cluster
 from zhilu.mfu import mfu
 from zhilu.models.registry import spec_of
-from zhilu.monitor.memory import memory_per_rank, peak_memory_gib, tensor_bytes
+from zhilu.monitor.breakdown import StepClock
+from zhilu.monitor.exporters import Exporters
+from zhilu.monitor.memory import memory_per_rank, tensor_bytes
 from zhilu.monitor.progress import TrainProgress
-from zhilu.parallel.data_parallel import gradient_sync, reshard, settle_buckets
+from zhilu.parallel.data_parallel import (
+    gradient_sync,
+    on_bucket_launch,
+    reshard,
+    settle_buckets,
+)
 from zhilu.parallel.local_sgd import ModelAveraging
 from zhilu.parallel.mesh import ParallelEnv, init_parallel, shutdown_parallel
 from zhilu.parallel.parallelize import build_parallel
 from zhilu.parallel.tensor_parallel import whole
 from zhilu.plan import Plan
-from zhilu.spec import ModelSpec, measure_flops
+from zhilu.spec import ModelSpec, flops_per_item
 from zhilu.training import predict
 from zhilu.training.bad_steps import BadSteps
 from zhilu.training.checkpoint import Checkpointer
 from zhilu.training.checkpoint_files import read_manifest
 from zhilu.training.faults import Faults
-from zhilu.training.metrics import MetricsFile, write_json
+from zhilu.training.metrics import MetricsFile, step_record, write_json
 from zhilu.training.optim import build_optimizer, clip_grad_norm, lr_at, set_lr
 from zhilu.training.report import print_memory, print_summary
 from zhilu.training.summary import note_resumed, run_summary
 from zhilu.training.watchdog import Watchdog
+
 
 def run(cfg: JobConfig, plan: Plan, spec: ModelSpec | None = None, attempt: int = 0,
         history: list[dict[str, Any]] | None = None, supervised: bool = False) -> dict[str, Any] | None:
@@ -98,6 +106,12 @@ class Trainer:
 
         self.pm = build_parallel(spec, plan, env, t.seed, cfg.model.compile)
         self.parts = self.pm.parts
+        self.clock = StepClock(env.world_size, names_stragglers=self.device.type == "cpu")
+        self._backward_cpu = 0.0  # CPU seconds of the last backward (a slow-rank fault adds a share of it)
+        if self.pm.pipeline is None:  # the clock learns when DDP launches each gradient bucket's all-reduce
+            on_bucket_launch(self.parts[0], self.clock.bucket_launched, self.faults.comm_delay(lambda: self.step + 1))
+        else:
+            self.faults.delay_stages(self.parts, lambda: self.step + 1)
         self.optimizers = [build_optimizer(part, t, self.device.type) for part in self.parts]
         self.averaging = (
             ModelAveraging(self.parts, self.optimizers, plan.avg_every, env.groups.get("average", env.dp_group),
@@ -112,7 +126,7 @@ class Trainer:
         self.step = self.saved_step = 0
         self.stop_asked = False  # pre-emption (SIGUSR1): checkpoint at the next step and stop
         with contextlib.suppress(ValueError):  # not the main thread: no pre-emption signal
-            signal.signal(signal.SIGUSR1, self._on_preempt)
+            signal.signal(signal.SIGUSR1, lambda signum, frame: setattr(self, "stop_asked", True))
         if cfg.checkpoint.resume or self.attempt > 0:
             self._phase(0, "load")
             path = self.checkpointer.newest_good(say=self._say)
@@ -124,7 +138,7 @@ class Trainer:
                 self.watchdog.resumed(self.step)
         self.seq_len = t.seq_len if spec.is_language_model else 0
         self.items_per_step = t.global_batch * (self.seq_len or 1)  # tokens, or samples
-        self.flops_per_item = self._flops_per_item()
+        self.flops_per_item = flops_per_item(spec, self.seq_len, *self.data.val_batches[0])
         self.hardware = cluster(cfg.parallel.hardware) if cfg.parallel.hardware else None
         self.peak_tflops = (self.hardware.device.peak_tflops.get(self.precision) or None) if self.hardware else None
         self.num_params = spec.num_params()
@@ -148,12 +162,13 @@ class Trainer:
         self._phase(self.step + 1, "forward")
         with self.loss_context():
             if self.pm.pipeline is not None:
-                with self.autocast:
+                with self.autocast, self.clock.term("pipeline"):
                     loss = self.pm.pipeline.step(inputs, targets)
                 total = loss if loss is not None else torch.zeros((), device=self.device)
             else:
                 total = self._accumulate(inputs, targets)
-        norm = clip_grad_norm(self.parts, self.cfg.train.grad_clip, self.env.group("pp"))
+        with self.clock.term("optimizer"):
+            norm = clip_grad_norm(self.parts, self.cfg.train.grad_clip, self.env.group("pp"))
         if self.step == 0:
             self.first_grad_bytes = tensor_bytes(p.grad for part in self.parts for p in part.parameters())
         # flags[r]: rank r's loss is not finite; flags[world + r]: its gradient norm; flags[-1]: stop asked for
@@ -168,10 +183,12 @@ class Trainer:
         bad = ([r for r in range(world) if flags[r]] or [r for r in range(world) if flags[world + r]])
         self.stop_asked = bool(flags[-1])
         self._phase(self.step + 1, "optimizer")
-        for opt in self.optimizers:
-            if not bad:
-                opt.step()
-            opt.zero_grad(set_to_none=True)
+        with self.clock.term("optimizer"):
+            for opt in self.optimizers:
+                if not bad:
+                    opt.step()
+                opt.zero_grad(set_to_none=True)
+            self.faults.sleep("optimizer", self.step + 1)
         if bad:
             return bad, total, norm
         self.step += 1
@@ -186,22 +203,31 @@ class Trainer:
         poison = float("nan") if self.faults.nan_at(self.loader.index) else 1.0
         for i, (x, y) in enumerate(zip(inputs.chunk(mb), targets.chunk(mb))):
             with gradient_sync(model, self.plan, last_micro_batch=i == mb - 1):
-                with self.autocast:
+                with self.clock.term("forward"), self.autocast:
+                    start = time.thread_time()
                     loss = self.spec.loss(model(x), y) * poison / mb
+                    self.faults.spin(time.thread_time() - start)
                 self._phase(self.step + 1, "backward")
-                loss.backward()
+                with self.clock.backward():
+                    self.faults.spin(self._backward_cpu)
+                    start = time.thread_time()
+                    loss.backward()
+                    self._backward_cpu = time.thread_time() - start
             total += whole(loss.detach())
         return total
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.loader.next_batch()
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        with self.clock.term("data"):
+            x, y = self.loader.next_batch()
+            self.faults.sleep("data", self.step + 1)
+            return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     # -- the whole run ----------------------------------------------------------------------
     def fit(self) -> dict[str, Any] | None:
         t, env = self.cfg.train, self.env
         progress = TrainProgress(t.steps, self.step, enabled=env.is_main, unit="tok" if self.seq_len else "samples")
         self.metrics = MetricsFile(self.run_dir / "metrics.jsonl", self.step) if env.is_main else None
+        exporters = Exporters(self.run_dir, self.cfg.metrics, env.is_main, self.attempt)
         shape = f"{t.global_batch} x {t.seq_len} tokens/step" if self.seq_len else f"{t.global_batch} samples/step"
         progress.print(
             f"[bold]zhilu[/] {self.spec.name} ({self.num_params / 1e6:.1f}M params) plan {self.plan.describe()} on "
@@ -214,10 +240,12 @@ class Trainer:
         last_loss: float | None = None
         val_loss: float | None = None
         ended, error = "finished", None
-        interval_start, interval_steps = time.perf_counter(), 0
+        self.wall_start = wall_start
+        self.clock.reset()
         while self.step < t.steps:
             self.faults.at_step(self.step + 1)
             step_start = time.perf_counter()
+            self.clock.start_step()
             x, y = self.next_batch()
             bad, loss, norm = self.train_step(x, y)
             if bad:
@@ -230,12 +258,13 @@ class Trainer:
                 if action == "abort":
                     ended, error = "aborted", self.bad.why_abort()
                     break
-                interval_start, interval_steps = time.perf_counter(), 0
+                self.clock.reset()
                 continue
+            self.clock.end_step()
             self.bad.good()
-            interval_steps += 1
             step = self.step
             progress.advance(step)
+            exporters.step_done(step)
             if self.watchdog is not None:
                 self.watchdog.step_done(time.perf_counter() - step_start)
             if step == 1 and not self.attempt:
@@ -246,27 +275,28 @@ class Trainer:
                 last_loss = self._global_mean(loss)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
-                step_time = (time.perf_counter() - interval_start) / interval_steps
-                record = self._record(step, last_loss, norm.item(), step_time)
+                record = step_record(self, step, last_loss, norm.item(), self.clock.collect(self.device))
                 if evaluate:
                     val_loss = record["val_loss"] = self.evaluate()
                     if self.data.bytes_per_token:
                         record["val_loss_per_byte"] = val_loss / self.data.bytes_per_token
                 if self.metrics is not None:
                     self.metrics.write(record)
+                exporters.write(record)
                 progress.update(step, record)
-                interval_start, interval_steps = time.perf_counter(), 0
+                self.clock.reset()
             if self.stop_asked:
                 ended = "preempted"
             if step == t.steps or ended == "preempted" or (self.cfg.checkpoint.every > 0
                                                            and step % self.cfg.checkpoint.every == 0):
                 self.save()
-                interval_start = time.perf_counter()
+                self.clock.reset()
             if ended == "preempted":
                 break
         if ended == "aborted" and self.saved_step != self.step:  # keep the last good state
             self.save()
         self.checkpointer.wait()
+        exporters.close()
         progress.close()
         if self.watchdog is not None:
             self.watchdog.close()
@@ -344,9 +374,6 @@ class Trainer:
         if self.env.is_main:
             print(line, flush=True)
 
-    def _on_preempt(self, signum: int, frame: Any) -> None:
-        self.stop_asked = True
-
     def _global_mean(self, value: torch.Tensor) -> float:
         """The loss of the global batch: from the last pipeline stage, averaged over replicas."""
         value = value.detach().clone()
@@ -356,30 +383,10 @@ class Trainer:
                 dist.all_reduce(value, group=group)
         return value.item() / self.plan.dp
 
-    def _flops_per_item(self) -> float:
-        """Model FLOPs of forward and backward per token (a transformer's shape) or per sample (counted)."""
-        if self.spec.shape is not None and self.seq_len:
-            return self.spec.shape.flops_per_token(self.seq_len)
-        x, y = self.data.val_batches[0]
-        return measure_flops(self.spec, x[:1], y[:1]) / (self.seq_len or 1)
-
     def _mfu(self, step_time: float) -> float | None:
         if self.peak_tflops is None:
             return None
         return mfu(self.flops_per_item, self.items_per_step / step_time, self.env.world_size, self.peak_tflops)
-
-    def _record(self, step: int, loss: float, grad_norm: float, step_time: float) -> dict[str, Any]:
-        return {
-            "step": step,
-            "batch": self.loader.index,
-            "loss": loss,
-            "grad_norm": grad_norm,
-            "lr": self.optimizers[0].param_groups[0]["lr"],
-            "step_time_s": step_time,
-            "tokens_per_s": self.items_per_step / step_time,
-            "mfu": self._mfu(step_time),
-            "mem_gib": peak_memory_gib(self.device),
-        }
 
 
 def _collective_timeout(cfg: JobConfig) -> float:

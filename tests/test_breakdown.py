@@ -1,0 +1,130 @@
+"""The measured step breakdown, specified by injection: delays added to one term at a time in
+a real run (``ZHILU_FAULTS`` delay and slow, zhilu/training/faults.py) show up in that term by
+the amount injected and nowhere else; a rank slowed in its own compute is named the straggler.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from conftest import MICRO, train
+from zhilu.config import JobConfig
+from zhilu.models.registry import spec_of
+
+DELAY_MS = 30
+PHASE = 15  # steps per phase; the delays start at phase boundaries and stay on
+LOGGED = ["--train.log_every", "5", "--train.eval_every", "0", "--global-batch", "8"]
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def phase(recs: list[dict], k: int) -> dict[str, float]:
+    """Per term, the median over the logged intervals wholly inside phase ``k`` (from 0)."""
+    inside = [r for r in recs if k * PHASE + 5 < r["step"] <= (k + 1) * PHASE]
+    assert len(inside) == PHASE // 5 - 1, [r["step"] for r in recs]
+    terms = inside[0]["breakdown"].keys() | inside[-1]["breakdown"].keys()
+    return {t: statistics.median(r["breakdown"].get(t, 0.0) for r in inside) for t in terms}
+
+
+def assert_only_grows(before: dict[str, float], after: dict[str, float], term: str, seconds: float) -> None:
+    """``term`` grew by ``seconds`` within max(10%, 5 ms); every other term stayed within
+    max(10% of it, 5 ms)."""
+    grown = after[term] - before.get(term, 0.0)
+    assert abs(grown - seconds) <= max(0.1 * seconds, 0.005), (term, grown, before, after)
+    for other in before.keys() - {term}:
+        change = after.get(other, 0.0) - before[other]
+        assert abs(change) <= max(0.1 * before[other], 0.005), (other, change, before, after)
+
+
+def assert_terms_sum_to_step_time(recs: list[dict]) -> None:
+    for r in recs:
+        assert sum(r["breakdown"].values()) == pytest.approx(r["step_time_s"], rel=0.05), r
+
+
+@pytest.fixture(scope="module")
+def ddp_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two DDP ranks; from step 16 on each sleeps in the data term, from 31 in the optimizer,
+    from 46 as its gradient all-reduce completes."""
+    faults = ";".join(f"delay:rank={r}:term={term}:ms={DELAY_MS}:step={k * PHASE + 1}"
+                      for r in (0, 1) for k, term in ((1, "data"), (2, "optimizer"), (3, "dp_comm")))
+    out = train(tmp_path_factory.mktemp("ddp") / "run", *LOGGED, "--steps", str(4 * PHASE), "--nproc", "2",
+                "--plan", "dp=2", env={"ZHILU_FAULTS": faults})
+    return out
+
+
+@pytest.fixture(scope="module")
+def ddp_run(ddp_out: Path) -> list[dict]:
+    return records(ddp_out)
+
+
+@pytest.mark.parametrize("k, term", [(1, "data"), (2, "optimizer"), (3, "dp_comm_exposed")])
+def test_a_delay_shows_in_its_own_term_only(ddp_run: list[dict], k: int, term: str) -> None:
+    assert_only_grows(phase(ddp_run, k - 1), phase(ddp_run, k), term, DELAY_MS / 1e3)
+
+
+def test_terms_sum_to_the_step_time_and_predictions_sit_beside_them(ddp_run: list[dict]) -> None:
+    assert_terms_sum_to_step_time(ddp_run)
+    for r in ddp_run:
+        assert set(r["predicted"]) >= {"compute", "dp_comm_exposed", "optimizer", "bubble"}
+        assert r["predicted_step_time_s"] > 0 and r["eta_s"] >= 0 and r["elapsed_s"] > 0
+        assert r["breakdown_min"]["forward"] <= r["breakdown"]["forward"] <= r["breakdown_max"]["forward"]
+    assert ddp_run[-1]["eta_s"] == 0
+
+
+def test_an_even_run_names_no_straggler(ddp_run: list[dict]) -> None:
+    assert all(r["straggler"] is None for r in ddp_run), [r["compute_s_by_rank"] for r in ddp_run]
+
+
+def test_a_slower_pipeline_stage_lengthens_the_pipeline_term(tmp_path: Path) -> None:
+    """Stage 1 computes 10 ms longer before each of its 4 micro-batches' forward from step 16.
+    The schedule, now bound by that stage, takes at least the 4 delays longer (a little more:
+    the stages' work, overlapped before, now queues behind the slow one), and all of what the
+    step grows by is in the pipeline term."""
+    mb, ms = 4, 10
+    out = train(tmp_path / "run", *LOGGED, "--steps", str(2 * PHASE), "--nproc", "2", "--plan", f"pp=2,mb={mb}",
+                env={"ZHILU_FAULTS": f"delay:rank=1:term=pipeline:ms={ms}:step={PHASE + 1}"})
+    recs = records(out)
+    before, after = phase(recs, 0), phase(recs, 1)
+    grown = sum(after.values()) - sum(before.values())
+    assert grown >= mb * ms / 1e3 - 0.005, (before, after)
+    assert_only_grows(before, after, "pipeline", grown)
+    assert_terms_sum_to_step_time(recs)
+
+
+@pytest.mark.parametrize("plan", ["dp=2", "dp=2,zero=3"])
+def test_a_rank_slowed_by_30_percent_is_named_within_20_steps(tmp_path: Path, plan: str) -> None:
+    out = train(tmp_path / "run", *LOGGED, "--steps", "20", "--nproc", "2", "--plan", plan,
+                env={"ZHILU_FAULTS": "slow:rank=1:percent=30"})
+    recs = records(out)
+    assert recs[-1]["straggler"] == 1, [r["compute_s_by_rank"] for r in recs]
+    assert all(r["slowest_rank"] == 1 for r in recs if r["step"] > 1)
+
+
+def test_mfu_is_the_flops_a_flop_counter_counts_over_the_peak(ddp_out: Path, ddp_run: list[dict]) -> None:
+    """MFU from the model's FLOPs formula against FlopCounterMode's count of a real forward and
+    backward of the same model on a batch of the same shape. Attention runs on PyTorch's math
+    backend, whose products the counter sees (it has no formula for the CPU's fused kernel)."""
+    cfg = JobConfig()
+    for key, value in zip(MICRO[::2], MICRO[1::2]):
+        if key.startswith("--model."):
+            cfg.override(key[2:], value)
+    spec = spec_of(cfg)
+    model = spec.build()
+    tokens = torch.zeros(1, 32, dtype=torch.long)
+    counter = FlopCounterMode(display=False)
+    with counter, sdpa_kernel(SDPBackend.MATH):
+        spec.loss(model(tokens), tokens).backward()
+    flops_per_token = counter.get_total_flops() / tokens.numel()
+    peak = json.loads((ddp_out / "summary.json").read_text())["peak_tflops"]
+    for r in ddp_run:
+        assert 0 < r["mfu"] <= 1
+        assert r["mfu"] == pytest.approx(flops_per_token * r["tokens_per_s"] / (2 * peak * 1e12), rel=0.05)
