@@ -8,6 +8,8 @@
     zhilu serve RUN_DIR [--port 8000] [--reload] [--api-key KEY]
     zhilu generate RUN_DIR --prompt TEXT [--max-tokens N] [--temperature T]
     zhilu export RUN_DIR --out DIR
+    zhilu report RUN_DIR [--out FILE]
+    zhilu bench [--model ...] [--nproc N] [--steps N] [--out DIR] [-- TRAIN FLAGS]
 
 Exit codes: 0 success, 2 the input is wrong (one ``error:`` line on stderr), 1 a bug or a crash.
 """
@@ -195,6 +197,25 @@ def export(argv: list[str]) -> int:
     return exporter.run(parser.parse_args(argv))
 
 
+def bench(argv: list[str]) -> int:
+    from zhilu.launch import bench as bencher
+
+    parser = _Parser(prog="zhilu bench", description="Run one job under every strategy (one process, DDP, ZeRO-2, "
+                     "ZeRO-3, TP, PP, --plan auto, model averaging) on this machine and compare them with the "
+                     "prediction; writes report.html.")
+    bencher.add_arguments(parser)
+    return bencher.run(parser.parse_args(argv))
+
+
+def report(argv: list[str]) -> int:
+    from zhilu.monitor import report as reporter
+
+    parser = _Parser(prog="zhilu report", description="Write a run's plots (loss, step time and its breakdown "
+                     "measured and predicted, memory per rank, one step per rank) as one self-contained HTML file.")
+    reporter.add_arguments(parser)
+    return reporter.run(parser.parse_args(argv))
+
+
 COMMANDS = {
     "train": (train, "train a model with a parallel plan"),
     "plan": (plan, "predict step time and memory of plans and pick the fastest that fits"),
@@ -203,6 +224,8 @@ COMMANDS = {
     "serve": (serve, "serve a trained run with OpenAI's API, continuous batching and reloads"),
     "generate": (generate, "continue a prompt with a trained run's model"),
     "export": (export, "write a trained run's model as safetensors"),
+    "report": (report, "write a run's plots as one HTML file"),
+    "bench": (bench, "compare every parallel strategy on this machine, measured and predicted"),
 }
 
 
