@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import statistics
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import MICRO, train
@@ -27,12 +29,14 @@ def records(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def phase(recs: list[dict], k: int) -> dict[str, float]:
-    """Per term, the median over the logged intervals wholly inside phase ``k`` (from 0)."""
+def phase(recs: list[dict], k: int, rank: int | None = None) -> dict[str, float]:
+    """Per term, the median over the logged intervals wholly inside phase ``k`` (from 0), of
+    the aggregate over ranks or of one ``rank``'s own terms."""
     inside = [r for r in recs if k * PHASE + 5 < r["step"] <= (k + 1) * PHASE]
     assert len(inside) == PHASE // 5 - 1, [r["step"] for r in recs]
-    terms = inside[0]["breakdown"].keys() | inside[-1]["breakdown"].keys()
-    return {t: statistics.median(r["breakdown"].get(t, 0.0) for r in inside) for t in terms}
+    split = [r["breakdown"] if rank is None else r["breakdown_by_rank"][rank] for r in inside]
+    terms = split[0].keys() | split[-1].keys()
+    return {t: statistics.median(b.get(t, 0.0) for b in split) for t in terms}
 
 
 def assert_only_grows(before: dict[str, float], after: dict[str, float], term: str, seconds: float) -> None:
@@ -84,19 +88,26 @@ def test_an_even_run_names_no_straggler(ddp_run: list[dict]) -> None:
     assert all(r["straggler"] is None for r in ddp_run), [r["compute_s_by_rank"] for r in ddp_run]
 
 
-def test_a_slower_pipeline_stage_lengthens_the_pipeline_term(tmp_path: Path) -> None:
-    """Stage 1 computes 10 ms longer before each of its 4 micro-batches' forward from step 16.
-    The schedule, now bound by that stage, takes at least the 4 delays longer (a little more:
-    the stages' work, overlapped before, now queues behind the slow one), and all of what the
-    step grows by is in the pipeline term."""
+def test_a_slower_pipeline_stage_shows_in_its_forward_and_in_the_other_stages_wait(tmp_path: Path) -> None:
+    """Stage 1 computes 10 ms longer before each of its 4 micro-batches' forward from step 16:
+    its ``forward`` grows by the 4 delays. The step grows by about as much (less where stage 1
+    had idle time the delays fill, more where work overlapped before now queues behind them):
+    stage 0, whose own work is unchanged, waits that much longer (its ``pipeline`` term: the
+    schedule's time outside its own chunks), and stage 1's wait changes by the difference.
+    No other term of either stage moves."""
     mb, ms = 4, 10
     out = train(tmp_path / "run", *LOGGED, "--steps", str(2 * PHASE), "--nproc", "2", "--plan", f"pp=2,mb={mb}",
                 env={"ZHILU_FAULTS": f"delay:rank=1:term=pipeline:ms={ms}:step={PHASE + 1}"})
     recs = records(out)
-    before, after = phase(recs, 0), phase(recs, 1)
-    grown = sum(after.values()) - sum(before.values())
-    assert grown >= mb * ms / 1e3 - 0.005, (before, after)
-    assert_only_grows(before, after, "pipeline", grown)
+    delay = mb * ms / 1e3
+    (before0, after0), (before1, after1) = [(phase(recs, 0, rank), phase(recs, 1, rank)) for rank in (0, 1)]
+    grown = sum(after0.values()) - sum(before0.values())
+    assert grown > delay / 2, (before0, after0)  # the slowed stage now bounds the step
+    assert_only_grows(before0, after0, "pipeline", grown)
+    assert_only_grows({k: v for k, v in before1.items() if k != "pipeline"},
+                      {k: v for k, v in after1.items() if k != "pipeline"}, "forward", delay)
+    shrunk = before1["pipeline"] - after1["pipeline"]
+    assert abs(shrunk - (delay - grown)) <= max(0.1 * delay, 0.005), (before1, after1, grown)
     assert_terms_sum_to_step_time(recs)
 
 
@@ -128,3 +139,52 @@ def test_mfu_is_the_flops_a_flop_counter_counts_over_the_peak(ddp_out: Path, ddp
     for r in ddp_run:
         assert 0 < r["mfu"] <= 1
         assert r["mfu"] == pytest.approx(flops_per_token * r["tokens_per_s"] / (2 * peak * 1e12), rel=0.05)
+
+
+@pytest.fixture(scope="module")
+def recompute_run(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    """Two DDP ranks that recompute every block in full."""
+    return records(train(tmp_path_factory.mktemp("recompute") / "run", "--train.log_every", "4", "--steps", "12",
+                         "--nproc", "2", "--plan", "dp=2,recompute=full"))
+
+
+def test_recomputation_is_its_own_term(recompute_run: list[dict], ddp_run: list[dict]) -> None:
+    """The blocks' second forward, inside the backward, is timed apart from it; without
+    recomputation there is no such term."""
+    assert all("recompute" not in r["breakdown"] for r in ddp_run)
+    for r in recompute_run:
+        split = r["breakdown"]
+        assert 0 < split["recompute"] < 1.5 * split["forward"] and split["backward"] > 0, split
+    assert_terms_sum_to_step_time(recompute_run)
+
+
+def test_hfu_counts_the_forward_that_full_recomputation_runs_again(recompute_run: list[dict],
+                                                                   ddp_run: list[dict]) -> None:
+    """HFU over MFU is the FLOPs of a real step whose blocks are checkpointed (torch.utils.checkpoint,
+    so the forward runs again in the backward) over those of the same step without; equal without
+    recomputation."""
+    for r in ddp_run:
+        assert r["hfu"] == r["mfu"]
+    cfg = JobConfig()
+    for key, value in zip(MICRO[::2], MICRO[1::2]):
+        if key.startswith("--model."):
+            cfg.override(key[2:], value)
+    spec = spec_of(cfg)
+    tokens = torch.zeros(1, 32, dtype=torch.long)
+
+    def step_flops(checkpointed: bool) -> int:
+        model = spec.build()
+        blocks = spec.blocks_of(model)
+        if checkpointed:
+            for block in blocks.values() if isinstance(blocks, torch.nn.ModuleDict) else blocks:
+                block.forward = partial(checkpoint, block.forward, use_reentrant=False)
+        counter = FlopCounterMode(display=False)
+        with counter, sdpa_kernel(SDPBackend.MATH):
+            spec.loss(model(tokens), tokens).backward()
+        return counter.get_total_flops()
+
+    ratio = step_flops(True) / step_flops(False)
+    assert ratio > 1.2  # each block's forward is most of the model's forward
+    for r in recompute_run:
+        assert 0 < r["mfu"] < r["hfu"] <= 1
+        assert r["hfu"] == pytest.approx(r["mfu"] * ratio, rel=0.01)

@@ -1,9 +1,12 @@
 """MFU, the one definition: model FLOPs per second over the devices' peak.
 
 Model FLOPs count the work of the model itself, forward and backward, without what
-recomputation adds (that is HFU's business). The peak is the device's dense rate for the
-precision it trains in, from the hardware preset's datasheet or from ``zhilu calibrate``;
-``zhilu train``, ``zhilu plan``, ``metrics.jsonl`` and ``summary.json`` all report this number.
+recomputation adds; HFU (hardware FLOPs utilisation, beside MFU in metrics.jsonl and
+summary.json) is MFU times the FLOPs with recomputation over those without, both counted by
+``torch.utils.flop_counter.FlopCounterMode`` (``zhilu.training.metrics.hardware_flops_ratio``).
+The peak is the device's dense rate for the precision it trains in, from the hardware
+preset's datasheet or from ``zhilu calibrate``; ``zhilu train``, ``zhilu plan``,
+``metrics.jsonl`` and ``summary.json`` all report this number.
 Pure Python.
 """
 

@@ -188,12 +188,16 @@ def flops_per_item(spec: ModelSpec, seq_len: int, inputs: Tensor, targets: Tenso
     return measure_flops(spec, inputs[:1], targets[:1]) / (seq_len or 1)
 
 
-def measure_flops(spec: ModelSpec, inputs: Tensor, targets: Tensor) -> float:
-    """FLOPs of one forward and backward of ``spec``'s model on ``inputs``, counted on the meta device."""
+def measure_flops(spec: ModelSpec, inputs: Tensor, targets: Tensor,
+                  prepare: Callable[[nn.Module], None] | None = None) -> float:
+    """FLOPs of one forward and backward of ``spec``'s model on ``inputs``, counted on the meta
+    device (after ``prepare`` changes the model, e.g. wraps its blocks for recomputation)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
         model = spec.build()
+    if prepare is not None:
+        prepare(model)
     counter = FlopCounterMode(display=False)
     with counter:
         spec.loss(model(inputs.to("meta")), targets.to("meta")).backward()

@@ -4,20 +4,23 @@ Each rank times its own steps with wall clocks:
 
 * ``data``: drawing the batch;
 * ``forward``: the forward passes and the loss;
-* ``backward``: the backward passes. Under DDP each gradient bucket's all-reduce is launched
-  as the bucket fills and runs beside the rest of the backward; what the backward still
-  waits for after its last bucket is launched is
-* ``dp_comm_exposed``: data-parallel communication nothing hid;
-* ``pipeline``: under pipeline parallelism the whole schedule (forward, backward, transfers
-  and bubble together);
+* ``backward``: the backward passes, less the two terms below;
+* ``recompute``: the blocks' forward that activation recomputation runs again inside the
+  backward (timed by hooks on the blocks the checkpoint wrappers hold);
+* ``dp_comm_exposed``: under DDP each gradient bucket's all-reduce is launched as the bucket
+  fills and runs beside the rest of the backward; this is what the backward still waits for
+  after its last bucket is launched, the data-parallel communication nothing hid;
+* ``pipeline``: under pipeline parallelism, what the schedule spends outside its stages'
+  forward and backward chunks (which count as ``forward`` and ``backward``): waiting for the
+  other stages (the bubble) and for transfers nothing hid, and the loss;
 * ``optimizer``: gradient clipping and the optimizer step;
 * ``other``: the rest of the step time (the agreement of all ranks on a bad step, logging).
 
 The step time of an interval is its wall time over the steps in it, and ``other`` is what
 the other terms leave of it, so the terms sum to the step time: on every rank, and in the
-aggregate (each term's median over the ranks; ``other`` what they leave of rank 0's step).
-Tensor-parallel traffic, FSDP's gathers and scatters and recomputation run inside ``forward``
-and ``backward``.
+aggregate (each term's mean over the ranks, which sums to the mean of the ranks' step times,
+the job's step time), with each term's min, median and max beside it.
+Tensor-parallel traffic and FSDP's gathers and scatters run inside ``forward`` and ``backward``.
 
 Every logged step the ranks exchange their per-step means over the interval (one small
 all-gather), so rank 0 knows each rank's terms. A rank's own compute is the CPU time of its
@@ -39,8 +42,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
-TERMS = ("data", "forward", "backward", "dp_comm_exposed", "pipeline", "optimizer", "other")
+TERMS = ("data", "forward", "backward", "recompute", "dp_comm_exposed", "pipeline", "optimizer", "other")
 COMPUTE = ("forward", "backward", "pipeline")
 STRAGGLER_RATIO = 1.15  # above the spread of an even run on a shared 2-core machine, below a 30% slow rank
 STRAGGLER_STEPS = 10
@@ -54,6 +58,8 @@ class StepClock:
         self.world_size = world_size
         self.names_stragglers = names_stragglers  # not on CUDA: a thread's CPU time is not a GPU's compute
         self.last_bucket: float | None = None  # when the last gradient bucket's all-reduce was launched
+        self._in_backward = False
+        self._recomputed = 0.0  # seconds of recomputation in the current backward
         self._step = dict.fromkeys(TERMS, 0.0)
         self._step_cpu = 0.0
         self._warm = False
@@ -74,27 +80,72 @@ class StepClock:
 
     @contextmanager
     def term(self, name: str) -> Iterator[None]:
+        """Time a term; for ``pipeline``, less the stages' chunks timed inside it (:meth:`watch_stages`)."""
         start, cpu = time.perf_counter(), time.thread_time()
+        chunks = self._step["forward"] + self._step["backward"]
         try:
             yield
         finally:
-            self._step[name] += time.perf_counter() - start
+            inside = self._step["forward"] + self._step["backward"] - chunks if name == "pipeline" else 0.0
+            self._step[name] += time.perf_counter() - start - inside
             if name in COMPUTE:
                 self._step_cpu += time.thread_time() - cpu
+
+    def watch_stages(self, stages: list[Any]) -> None:
+        """Time each pipeline stage's forward and backward chunks (``torch.distributed.pipelining``
+        stages: the schedule calls their ``forward_one_chunk`` and ``backward_one_chunk``)."""
+        for stage in stages:
+            for method, name in (("forward_one_chunk", "forward"), ("backward_one_chunk", "backward")):
+                setattr(stage, method, self._timed(getattr(stage, method), name))
+
+    def _timed(self, run: Any, name: str) -> Any:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return run(*args, **kwargs)
+            finally:
+                self._step[name] += time.perf_counter() - start
+
+        return timed
 
     @contextmanager
     def backward(self) -> Iterator[None]:
         """Time a backward pass, splitting off what it waits for after its last bucket's all-reduce."""
         self.last_bucket = None
+        self._in_backward, self._recomputed = True, 0.0
         start, cpu = time.perf_counter(), time.thread_time()
         try:
             yield
         finally:
             end = time.perf_counter()
+            self._in_backward = False
             launched = self.last_bucket if self.last_bucket is not None and self.last_bucket >= start else end
-            self._step["backward"] += launched - start
+            self._step["recompute"] += self._recomputed  # a block is rebuilt before its gradients go out
+            self._step["backward"] += max(0.0, launched - start - self._recomputed)
             self._step["dp_comm_exposed"] += end - launched
             self._step_cpu += time.thread_time() - cpu
+
+    def watch_recompute(self, model: nn.Module) -> None:
+        """Time, as ``recompute``, every forward of a block that a checkpoint wrapper in ``model``
+        runs during the backward."""
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+        started: list[float] = []
+
+        def before(module: nn.Module, args: Any) -> None:
+            if self._in_backward:
+                started.append(time.perf_counter())
+
+        def after(module: nn.Module, args: Any, output: Any) -> None:
+            if self._in_backward and started:
+                self._recomputed += time.perf_counter() - started.pop()
+
+        for wrapper in model.modules():
+            if isinstance(wrapper, CheckpointWrapper):
+                wrapper._checkpoint_wrapped_module.register_forward_pre_hook(before)
+                # always_call: recomputation stops the block's forward early (an exception) once
+                # it has rebuilt what the backward needs
+                wrapper._checkpoint_wrapped_module.register_forward_hook(after, always_call=True)
 
     def bucket_launched(self) -> None:
         self.last_bucket = time.perf_counter()
@@ -131,12 +182,15 @@ class StepClock:
             self._update_straggler(compute, counted)
         self._warm = True
         present = [k for k in TERMS if any(r[k] for r in per_rank) or k in ("data", "optimizer", "other")]
-        breakdown = {k: statistics.median(r[k] for r in per_rank) for k in present}
-        breakdown["other"] = max(0.0, step_time - sum(v for k, v in breakdown.items() if k != "other"))
+        # the ranks' intervals start and end at slightly different moments (a save, the first
+        # step): the job's step time is their mean, which each rank's terms sum to on average
+        step_time = statistics.fmean(float(row[-3]) for row in rows)
+        breakdown = {k: statistics.fmean(r[k] for r in per_rank) for k in present}
         return {
             "step_time_s": step_time,
             "breakdown": breakdown,
             "breakdown_min": {k: min(r[k] for r in per_rank) for k in present},
+            "breakdown_median": {k: statistics.median(r[k] for r in per_rank) for k in present},
             "breakdown_max": {k: max(r[k] for r in per_rank) for k in present},
             "compute_s_by_rank": compute,
             **({"breakdown_by_rank": [{k: r[k] for k in present} for r in per_rank]}

@@ -20,7 +20,7 @@ from zhilu.errors import ZhiluError
 if TYPE_CHECKING:
     from zhilu.config import MetricsSection
 
-SCALARS = ("loss", "val_loss", "lr", "grad_norm", "step_time_s", "tokens_per_s", "mfu", "mem_gib")
+SCALARS = ("loss", "val_loss", "lr", "grad_norm", "step_time_s", "tokens_per_s", "mfu", "hfu", "mem_gib")
 
 
 class Exporters:
@@ -81,6 +81,8 @@ class PrometheusEndpoint:
         self.val_loss = Gauge("zhilu_train_validation_loss", "Validation loss of the last pass", registry=r)
         self.tokens = Gauge("zhilu_train_tokens_per_second", "Tokens (samples) trained on per second", registry=r)
         self.mfu = Gauge("zhilu_train_mfu_ratio", "Model FLOPs utilisation, 0-1", registry=r)
+        self.hfu = Gauge("zhilu_train_hfu_ratio", "Hardware FLOPs utilisation (recomputation counted), 0-1",
+                         registry=r)
         self.memory = Gauge("zhilu_train_memory_peak_bytes", "Peak memory (GPU allocated, CPU resident)", ["rank"],
                             registry=r)
         self.step_time = Gauge("zhilu_train_step_seconds", "Measured step time", registry=r)
@@ -115,6 +117,7 @@ class PrometheusEndpoint:
         self.tokens.set(record["tokens_per_s"])
         if record["mfu"] is not None:
             self.mfu.set(record["mfu"])
+            self.hfu.set(record["hfu"])
         self.memory.labels(rank="0").set(record["mem_gib"] * 2**30)
         self.step_time.set(record["step_time_s"])
         for term, seconds in record.get("breakdown", {}).items():

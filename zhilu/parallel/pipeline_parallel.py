@@ -56,7 +56,8 @@ class Pipeline:
             for i in self.stage_ids
         ]
         group = env.group("pp")
-        stages = [PipelineStage(part, i, n_stages, env.device, group=group) for part, i in zip(self.parts, self.stage_ids)]
+        self.stages = stages = [PipelineStage(part, i, n_stages, env.device, group=group)
+                                for part, i in zip(self.parts, self.stage_ids)]
         self.has_first = 0 in self.stage_ids
         self.has_last = n_stages - 1 in self.stage_ids
         if plan.schedule == "interleaved":

@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from zhilu.monitor.memory import peak_memory_gib
+from zhilu.spec import ModelSpec, measure_flops
 
 
 class MetricsFile:
@@ -54,6 +56,19 @@ class MetricsFile:
             self._file = None
 
 
+def hardware_flops_ratio(spec: ModelSpec, recompute: str, inputs: Tensor, targets: Tensor) -> float:
+    """Hardware FLOPs over model FLOPs (HFU over MFU): 1 without recomputation; with it, the
+    FLOPs counted for one sample with the blocks wrapped for recomputation (their forward is
+    dispatched, and counted, again in the backward) over those counted without."""
+    if recompute == "none":
+        return 1.0
+    from zhilu.parallel.recompute import apply_recompute
+
+    sample = inputs[:1], targets[:1]
+    recomputed = measure_flops(spec, *sample, prepare=lambda model: apply_recompute(spec.blocks_of(model), recompute))
+    return recomputed / measure_flops(spec, *sample)
+
+
 def step_record(trainer: Any, step: int, loss: float, grad_norm: float, measured: dict[str, Any]) -> dict[str, Any]:
     """The metrics.jsonl line of a logged step of ``trainer``; ``measured``: its step clock's interval."""
     step_time = measured["step_time_s"]
@@ -66,7 +81,8 @@ def step_record(trainer: Any, step: int, loss: float, grad_norm: float, measured
         "lr": trainer.optimizers[0].param_groups[0]["lr"],
         "step_time_s": step_time,
         "tokens_per_s": trainer.items_per_step / step_time,
-        "mfu": trainer._mfu(step_time),
+        "mfu": (mfu := trainer._mfu(step_time)),
+        "hfu": mfu * trainer.hfu_ratio if mfu is not None else None,
         "mem_gib": peak_memory_gib(device),
         "elapsed_s": time.perf_counter() - trainer.wall_start,
         "eta_s": (trainer.cfg.train.steps - step) * step_time,

@@ -28,6 +28,8 @@ def print_summary(progress: TrainProgress, s: dict[str, Any], run_dir: Path) -> 
     unit = "tokens" if s["seq_len"] else "samples"
     mfu = (f", MFU {100 * s['mfu']:.1f}% of the {s['peak_tflops']:g} TFLOP/s peak of {s['hardware']}"
            if s["mfu"] is not None else "")
+    if s.get("hfu") and s["hfu"] != s["mfu"]:
+        mfu += f" (HFU {100 * s['hfu']:.1f}%, recomputation counted)"
     lines = [f"[bold]plan[/]        {plan} on {s['world_size']} x {s['device']}"]
     if s["measured_step_time_s"] is not None:
         lines.append(f"[bold]throughput[/]  {s['tokens_per_s']:,.0f} {unit}/s, "

@@ -25,9 +25,9 @@ ENDINGS = ("finished", "aborted", "preempted", "failed", "interrupted")
 # Filled by the trainer; the launcher's summary of a failed run has them null.
 MEASURED = ("plan", "world_size", "device", "model", "params", "steps", "seq_len", "global_batch", "hardware",
             "predicted_step_time_s", "measured_step_time_s", "prediction_error", "predicted_breakdown",
-            "predicted_memory_mib_per_rank", "tokens_per_s", "mfu", "peak_tflops", "final_loss", "final_val_loss",
-            "final_val_loss_per_byte", "wall_s", "memory_mib_per_rank", "sample", "explain", "last_step", "bad_steps",
-            "final_params_sha256")
+            "predicted_memory_mib_per_rank", "tokens_per_s", "mfu", "hfu", "peak_tflops", "final_loss",
+            "final_val_loss", "final_val_loss_per_byte", "wall_s", "memory_mib_per_rank", "sample", "explain",
+            "last_step", "bad_steps", "final_params_sha256")
 
 
 def recovery(history: list[dict[str, Any]]) -> dict[str, Any]:
@@ -104,6 +104,7 @@ def run_summary(self: Any, ended: str, error: str | None, last_loss: float | Non
         "predicted_memory_mib_per_rank": e.memory_gib_per_device * 1024 if e is not None else None,
         "tokens_per_s": self.items_per_step / measured if measured else None,
         "mfu": self._mfu(measured) if measured else None,
+        "hfu": self._mfu(measured) * self.hfu_ratio if measured and self.peak_tflops else None,
         "peak_tflops": self.peak_tflops,
         "final_loss": last_loss,
         "final_val_loss": val_loss,

@@ -57,7 +57,7 @@ from zhilu.training.bad_steps import BadSteps
 from zhilu.training.checkpoint import Checkpointer
 from zhilu.training.checkpoint_files import read_manifest
 from zhilu.training.faults import Faults
-from zhilu.training.metrics import MetricsFile, step_record, write_json
+from zhilu.training.metrics import MetricsFile, hardware_flops_ratio, step_record, write_json
 from zhilu.training.optim import build_optimizer, clip_grad_norm, lr_at, set_lr
 from zhilu.training.report import print_memory, print_summary
 from zhilu.training.summary import note_resumed, run_summary
@@ -108,9 +108,11 @@ class Trainer:
         self.parts = self.pm.parts
         self.clock = StepClock(env.world_size, names_stragglers=self.device.type == "cpu")
         self._backward_cpu = 0.0  # CPU seconds of the last backward (a slow-rank fault adds a share of it)
+        self.clock.watch_recompute(self.parts[0])
         if self.pm.pipeline is None:  # the clock learns when DDP launches each gradient bucket's all-reduce
             on_bucket_launch(self.parts[0], self.clock.bucket_launched, self.faults.comm_delay(lambda: self.step + 1))
         else:
+            self.clock.watch_stages(self.pm.pipeline.stages)
             self.faults.delay_stages(self.parts, lambda: self.step + 1)
         self.optimizers = [build_optimizer(part, t, self.device.type) for part in self.parts]
         self.averaging = (
@@ -139,6 +141,7 @@ class Trainer:
         self.seq_len = t.seq_len if spec.is_language_model else 0
         self.items_per_step = t.global_batch * (self.seq_len or 1)  # tokens, or samples
         self.flops_per_item = flops_per_item(spec, self.seq_len, *self.data.val_batches[0])
+        self.hfu_ratio = hardware_flops_ratio(spec, self.plan.recompute, *self.data.val_batches[0])
         self.hardware = cluster(cfg.parallel.hardware) if cfg.parallel.hardware else None
         self.peak_tflops = (self.hardware.device.peak_tflops.get(self.precision) or None) if self.hardware else None
         self.num_params = spec.num_params()
