@@ -1,8 +1,10 @@
 """TensorBoard and Prometheus, read back with their own readers: tensorboard's event
-accumulator, and prometheus_client's parser on what the endpoint serves while training runs."""
+accumulator, and prometheus_client's parser on what the endpoint serves while training runs;
+the profiler's trace of one step, on every rank."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -17,8 +19,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import MICRO, free_port, zhilu
 
 NAMES = {"zhilu_train_step", "zhilu_train_loss", "zhilu_train_tokens_per_second", "zhilu_train_mfu_ratio",
-         "zhilu_train_memory_peak_bytes", "zhilu_train_step_seconds", "zhilu_train_step_term_seconds",
-         "zhilu_train_predicted_step_term_seconds", "zhilu_train_seconds_since_step", "zhilu_train_restarts"}
+         "zhilu_train_hfu_ratio", "zhilu_train_memory_peak_bytes", "zhilu_train_step_seconds",
+         "zhilu_train_step_term_seconds", "zhilu_train_predicted_step_term_seconds", "zhilu_train_seconds_since_step",
+         "zhilu_train_restarts"}
 
 
 def scrape(port: int) -> dict[str, list]:
@@ -82,3 +85,17 @@ def test_a_taken_or_invalid_prometheus_port_is_a_clear_error(tmp_path: Path) -> 
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1].startswith("error: metrics.prometheus"), result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_profile_step_writes_a_trace_of_that_step_on_every_rank(tmp_path: Path) -> None:
+    result = zhilu("train", *MICRO, "--steps", "3", "--nproc", "2", "--metrics.profile_step", "2",
+                   "--out", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    traces = sorted((tmp_path / "run" / "profile").iterdir())
+    assert [t.name for t in traces] == ["step-2-rank-0.json", "step-2-rank-1.json"]
+    for trace in traces:
+        names = {event.get("name") for event in json.loads(trace.read_text())["traceEvents"]}
+        assert {"aten::mm", "gloo:all_reduce"} <= names
+
+    bad = zhilu("train", *MICRO, "--metrics.profile_step", "-1", "--out", str(tmp_path / "bad"))
+    assert bad.returncode == 2 and bad.stderr.startswith("error: metrics.profile_step"), bad.stderr

@@ -110,6 +110,7 @@ class MetricsSection:
     tensorboard: bool = setting(False, "write TensorBoard event files in <run>/tensorboard")
     prometheus: int = setting(0, "serve Prometheus metrics on this port while training runs; 0: none")
     host: str = setting("127.0.0.1", "address the Prometheus endpoint binds (0.0.0.0: every interface)")
+    profile_step: int = setting(0, "trace this step with the PyTorch profiler on every rank, in <run>/profile; 0: none")
 
 
 @dataclass
@@ -192,6 +193,7 @@ class JobConfig:
         if not 0 <= self.metrics.prometheus <= 65535:
             raise ZhiluError("metrics.prometheus", f"must be 0 (no endpoint) or a port 1-65535, got "
                                                    f"{self.metrics.prometheus}")
+        _at_least("metrics.profile_step", self.metrics.profile_step, 0)
         if not self.metrics.host.strip():
             raise ZhiluError("metrics.host", "must be an address such as 127.0.0.1")
         _at_least("checkpoint.every", self.checkpoint.every, 0)

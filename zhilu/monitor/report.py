@@ -20,7 +20,9 @@ from typing import Any
 from zhilu.durable import write_atomic
 from zhilu.errors import ZhiluError
 
-ORDER = ("data", "forward", "backward", "dp_comm_exposed", "pipeline", "optimizer", "other")
+# The measured terms and the predicted ones, in the order a step runs them.
+ORDER = ("data", "forward", "backward", "compute", "recompute", "tp_comm", "pp_comm", "dp_comm_exposed", "pipeline",
+         "bubble", "optimizer", "other")
 MEMORY = ("params", "grads", "optimizer", "peak")
 # One colour per concept, measured (solid) and predicted (hatched) alike; the model's ``compute``
 # is the measured forward and backward together, its ``bubble`` part of the measured ``pipeline``.

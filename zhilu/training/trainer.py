@@ -39,6 +39,7 @@ from zhilu.models.registry import spec_of
 from zhilu.monitor.breakdown import StepClock
 from zhilu.monitor.exporters import Exporters
 from zhilu.monitor.memory import memory_per_rank, tensor_bytes
+from zhilu.monitor.profile import profiled
 from zhilu.monitor.progress import TrainProgress
 from zhilu.parallel.data_parallel import (
     gradient_sync,
@@ -249,8 +250,9 @@ class Trainer:
             self.faults.at_step(self.step + 1)
             step_start = time.perf_counter()
             self.clock.start_step()
-            x, y = self.next_batch()
-            bad, loss, norm = self.train_step(x, y)
+            with profiled(self.step + 1, self.cfg.metrics.profile_step, self.run_dir, env.rank, self.device.type):
+                x, y = self.next_batch()
+                bad, loss, norm = self.train_step(x, y)
             if bad:
                 mean = self._global_mean(loss)
                 action = self.bad.record(self.step + 1, self.loader.index, bad, mean, norm.item())
