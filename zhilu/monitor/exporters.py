@@ -86,7 +86,7 @@ class PrometheusEndpoint:
         self.memory = Gauge("zhilu_train_memory_peak_bytes", "Peak memory (GPU allocated, CPU resident)", ["rank"],
                             registry=r)
         self.step_time = Gauge("zhilu_train_step_seconds", "Measured step time", registry=r)
-        self.term = Gauge("zhilu_train_step_term_seconds", "Measured step time by term (median over ranks)",
+        self.term = Gauge("zhilu_train_step_term_seconds", "Measured step time by term (mean over ranks)",
                           ["term"], registry=r)
         self.predicted = Gauge("zhilu_train_predicted_step_term_seconds", "Predicted step time by term", ["term"],
                                registry=r)
