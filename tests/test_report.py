@@ -58,6 +58,20 @@ def test_bench_runs_every_strategy_and_tabulates_it_beside_the_prediction(bench:
         assert f"{r['strategy']:<16} {r['plan']:<24} {r['median_s'] * 1e3:8.1f}" in printed
 
 
+def test_bench_takes_a_users_model_and_says_why_a_strategy_cannot_run_it(tmp_path: Path) -> None:
+    """examples/my_model.py declares no tensor-parallel plan, no pipeline and no transformer
+    shape: those rows say so in the model's own error line; every other strategy runs."""
+    out = tmp_path / "bench"
+    result = zhilu("bench", "--model", "examples/my_model.py:spec", "--steps", "3", "--warmup", "1", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = {r["strategy"]: r for r in json.loads((out / "bench.json").read_text())}
+    failed = {name: r["failed"] for name, r in table.items() if "failed" in r}
+    assert sorted(failed) == ["PP 1F1B", "TP", "auto"], failed
+    assert all(why.startswith("error: parallel.plan:") for why in failed.values()), failed
+    assert all(r["median_s"] > 0 for name, r in table.items() if name not in failed)
+    assert (out / "report.html").is_file() and "could not run: " in (out / "report.html").read_text()
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it: "
                                               "apt-get install chromium)")
 @pytest.mark.parametrize("which", ["run", "bench"])
