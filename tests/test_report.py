@@ -98,7 +98,29 @@ def test_a_report_draws_every_plot_in_a_browser(bench: Path, which: str) -> None
     assert shot.returncode == 0 and (ARTIFACTS / f"report-{which}.png").stat().st_size > 10_000, shot.stderr[-2000:]
 
 
+def test_bench_refuses_an_output_it_cannot_use_before_running_anything(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    for out, why in ((tmp_path / "file", "a file, not a directory"), (tmp_path / "file" / "sub", "which is a file"),
+                     (tmp_path / "full", "is not empty")):
+        result = zhilu("bench", "--out", str(out))
+        assert result.returncode == 2 and result.stderr.startswith("error: --out:") and why in result.stderr, \
+            result.stderr
+        assert result.stdout == ""
+    assert (tmp_path / "file").read_text() == "x" and [p.name for p in (tmp_path / "full").iterdir()] == ["x"]
+
+
 def test_report_of_a_directory_without_a_run_is_a_clear_error(tmp_path: Path) -> None:
     result = zhilu("report", str(tmp_path))
     assert result.returncode == 2 and result.stderr.startswith("error: RUN_DIR"), result.stderr
     assert not (tmp_path / "report.html").exists()
+
+
+def test_report_to_a_path_it_cannot_write_is_a_clear_error(bench: Path, tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    for out, why in ((tmp_path, "is a directory"), (tmp_path / "file" / "r.html", "is not a directory")):
+        result = zhilu("report", str(bench / "ddp"), "--out", str(out))
+        assert result.returncode == 2 and result.stderr.startswith("error: --out:") and why in result.stderr, \
+            result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]

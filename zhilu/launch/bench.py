@@ -28,6 +28,7 @@ from typing import Any
 
 from zhilu.durable import write_atomic
 from zhilu.errors import ZhiluError
+from zhilu.launch.run_dir import unwritable
 
 
 def strategies(n: int) -> list[tuple[str, int, str]]:
@@ -58,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
     if args.steps <= args.warmup or args.warmup < 0:
         raise ZhiluError("--steps", f"must exceed --warmup ({args.warmup}) so some steps are timed, got {args.steps}")
     out = Path(args.out or f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}")
+    if problem := unwritable(out, directory=True):
+        raise ZhiluError("--out", f"{problem}; give a new directory")
     if out.exists() and any(out.iterdir()):
         raise ZhiluError("--out", f"{out} is not empty; give a new directory")
     out.mkdir(parents=True, exist_ok=True)

@@ -108,9 +108,13 @@ def _write_page(out: Path, title: str, facts: str, figures: list[Any], plotly_js
             f"<script>{plotly_js}</script>\n"
             "<style>body{font-family:sans-serif;margin:1.5em auto;max-width:1000px}</style></head>\n"
             f"<body><h1>{_escape(title)}</h1><p>{_escape(facts)}</p>\n{body}\n</body></html>\n")
-    if not out.parent.is_dir():
-        raise ZhiluError("--out", f"{out.parent} is not a directory")
-    write_atomic(out, page)
+    if out.is_dir() or not out.parent.is_dir():
+        where = f"{out} is a directory" if out.is_dir() else f"{out.parent} is not a directory"
+        raise ZhiluError("--out", f"{where}; give the path of an HTML file to write")
+    try:
+        write_atomic(out, page)
+    except OSError as e:
+        raise ZhiluError("--out", f"cannot write {out} ({e.strerror})") from None
     return out
 
 
