@@ -84,10 +84,6 @@ def test_terms_sum_to_the_step_time_and_predictions_sit_beside_them(ddp_run: lis
     assert ddp_run[-1]["eta_s"] == 0
 
 
-def test_an_even_run_names_no_straggler(ddp_run: list[dict]) -> None:
-    assert all(r["straggler"] is None for r in ddp_run), [r["compute_s_by_rank"] for r in ddp_run]
-
-
 def test_a_slower_pipeline_stage_shows_in_its_forward_and_in_the_other_stages_wait(tmp_path: Path) -> None:
     """Stage 1 computes 10 ms longer before each of its 4 micro-batches' forward from step 16:
     its ``forward`` grows by the 4 delays. The step grows by about as much (less where stage 1
@@ -111,13 +107,24 @@ def test_a_slower_pipeline_stage_shows_in_its_forward_and_in_the_other_stages_wa
     assert_terms_sum_to_step_time(recs)
 
 
+# Four times the injection runs' batch (about 9 ms of compute per rank and step), so that the
+# machine's own bursts (a few ms within an interval: page faults, interrupts charged to the
+# thread) stay below the threshold.
+STRAGGLER_RUN = [*LOGGED[:-2], "--global-batch", "32", "--steps", "20", "--nproc", "2"]
+
+
 @pytest.mark.parametrize("plan", ["dp=2", "dp=2,zero=3"])
 def test_a_rank_slowed_by_30_percent_is_named_within_20_steps(tmp_path: Path, plan: str) -> None:
-    out = train(tmp_path / "run", *LOGGED, "--steps", "20", "--nproc", "2", "--plan", plan,
-                env={"ZHILU_FAULTS": "slow:rank=1:percent=30"})
+    out = train(tmp_path / "run", *STRAGGLER_RUN, "--plan", plan, env={"ZHILU_FAULTS": "slow:rank=1:percent=30"})
     recs = records(out)
     assert recs[-1]["straggler"] == 1, [r["compute_s_by_rank"] for r in recs]
-    assert all(r["slowest_rank"] == 1 for r in recs if r["step"] > 1)
+    assert all(r["slowest_rank"] == 1 for r in recs if r["step"] > 1), [r["compute_s_by_rank"] for r in recs]
+
+
+@pytest.mark.parametrize("plan", ["dp=2", "dp=2,zero=3"])
+def test_the_same_run_without_the_slow_rank_names_no_straggler(tmp_path: Path, plan: str) -> None:
+    recs = records(train(tmp_path / "run", *STRAGGLER_RUN, "--plan", plan))
+    assert all(r["straggler"] is None for r in recs), [r["compute_s_by_rank"] for r in recs]
 
 
 def test_mfu_is_the_flops_a_flop_counter_counts_over_the_peak(ddp_out: Path, ddp_run: list[dict]) -> None:

@@ -27,9 +27,11 @@ all-gather), so rank 0 knows each rank's terms. A rank's own compute is the CPU 
 training thread in ``forward``, ``backward`` and ``pipeline`` (the thread that runs the
 operators and takes its share of their intra-op work): waiting in a collective costs no CPU
 time, so the wait that gives every rank the same backward wall time does not hide a slow
-rank. A rank whose own compute per step, over the latest logged intervals that cover
-:data:`STRAGGLER_STEPS` steps (the first step left out), is at least :data:`STRAGGLER_RATIO`
-times the median of the other ranks' is named the straggler.
+rank. A rank whose own compute per step is at least :data:`STRAGGLER_RATIO` times the median
+of the other ranks' in every one of the latest logged intervals that cover
+:data:`STRAGGLER_STEPS` steps is named the straggler; the first :data:`STRAGGLER_STEPS`
+steps (lazy initialisation, the allocator's and caches' warm-up, rank 0's start-up work) are
+not judged.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ class StepClock:
         self._recomputed = 0.0  # seconds of recomputation in the current backward
         self._step = dict.fromkeys(TERMS, 0.0)
         self._step_cpu = 0.0
-        self._warm = False
+        self._counted = 0  # steps in the intervals collected so far
         self._window: list[tuple[int, list[float]]] = []  # (steps, compute per rank) of recent intervals
         self.straggler: int | None = None
         self.reset()
@@ -160,7 +162,8 @@ class StepClock:
     def collect(self, device: torch.device) -> dict[str, Any] | None:
         """Every rank's per-step means over the interval, aggregated (collective: every rank
         calls it at the same logged steps); starts a new interval. None when no step was counted.
-        The first interval (with the first step's warm-up) does not count toward naming a straggler."""
+        The intervals that start in the first :data:`STRAGGLER_STEPS` steps do not count toward
+        naming a straggler."""
         elapsed = time.perf_counter() - self._start
         steps = max(self._steps, 1)
         means = [self._sums[k] / steps for k in TERMS]
@@ -178,9 +181,9 @@ class StepClock:
             return None
         per_rank = [dict(zip(TERMS, row.tolist())) for row in rows]
         compute = [float(row[-2]) for row in rows]
-        if self._warm and self.names_stragglers:
+        if self._counted >= STRAGGLER_STEPS and self.names_stragglers:  # the start-up steps are not judged
             self._update_straggler(compute, counted)
-        self._warm = True
+        self._counted += counted
         present = [k for k in TERMS if any(r[k] for r in per_rank) or k in ("data", "optimizer", "other")]
         # the ranks' intervals start and end at slightly different moments (a save, the first
         # step): the job's step time is their mean, which each rank's terms sum to on average
@@ -208,6 +211,9 @@ class StepClock:
         covered = sum(n for n, _ in self._window)
         means = [sum(n * c[r] for n, c in self._window) / covered for r in range(len(compute))]
         slowest = max(range(len(means)), key=means.__getitem__)
-        others = statistics.median(means[:slowest] + means[slowest + 1:])
-        named = covered >= STRAGGLER_STEPS and others > 0 and means[slowest] >= STRAGGLER_RATIO * others
+        # slower in every interval, not on average: one interval's jitter (a page-fault burst,
+        # softirq time charged to the thread) must not name a rank
+        ratios = [c[slowest] / others if (others := statistics.median(c[:slowest] + c[slowest + 1:])) > 0 else 0.0
+                  for _, c in self._window]
+        named = covered >= STRAGGLER_STEPS and min(ratios) >= STRAGGLER_RATIO
         self.straggler = slowest if named else None
