@@ -60,9 +60,11 @@ def test_bench_runs_every_strategy_and_tabulates_it_beside_the_prediction(bench:
 
 def test_bench_takes_a_users_model_and_says_why_a_strategy_cannot_run_it(tmp_path: Path) -> None:
     """examples/my_model.py declares no tensor-parallel plan, no pipeline and no transformer
-    shape: those rows say so in the model's own error line; every other strategy runs."""
+    shape: those rows say so in the model's own error line; every other strategy runs (predicted
+    on the CPU preset, so that the machine need not be calibrated first)."""
     out = tmp_path / "bench"
-    result = zhilu("bench", "--model", "examples/my_model.py:spec", "--steps", "3", "--warmup", "1", "--out", str(out))
+    result = zhilu("bench", "--model", "examples/my_model.py:spec", "--steps", "3", "--warmup", "1", "--out", str(out),
+                   "--", "--parallel.hardware", "cpu")
     assert result.returncode == 0, result.stderr[-3000:]
     table = {r["strategy"]: r for r in json.loads((out / "bench.json").read_text())}
     failed = {name: r["failed"] for name, r in table.items() if "failed" in r}
@@ -109,6 +111,15 @@ def test_bench_refuses_an_output_it_cannot_use_before_running_anything(tmp_path:
             result.stderr
         assert result.stdout == ""
     assert (tmp_path / "file").read_text() == "x" and [p.name for p in (tmp_path / "full").iterdir()] == ["x"]
+
+
+def test_bench_refuses_a_model_or_flag_zhilu_train_refuses_before_running_anything(tmp_path: Path) -> None:
+    for args, why in ((["--model", "nope"], "error: model.name: unknown model 'nope'"),
+                      (["--", "--train.lr", "-1"], "error: train.lr:")):
+        out = tmp_path / "bench"
+        result = zhilu("bench", "--out", str(out), *args)
+        assert result.returncode == 2 and result.stderr.startswith(why), result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == "" and not out.exists()
 
 
 def test_report_of_a_directory_without_a_run_is_a_clear_error(tmp_path: Path) -> None:

@@ -11,7 +11,8 @@ its process count (measured first where there is none). Every step is logged; th
 ``--warmup`` are left out and the rest are the repeats whose median and spread (10th-90th
 percentile) the table gives, beside the prediction, the speed-up and parallel efficiency
 against one process, the peak memory per rank and the final loss. A strategy the model
-cannot run is listed with the reason. ``report.html`` in the output directory plots it all.
+cannot run is listed with the reason; a model or flag ``zhilu train`` refuses outright is its one
+error line, before anything runs. ``report.html`` in the output directory plots it all.
 """
 
 from __future__ import annotations
@@ -63,9 +64,10 @@ def run(args: argparse.Namespace) -> int:
         raise ZhiluError("--out", f"{problem}; give a new directory")
     if out.exists() and any(out.iterdir()):
         raise ZhiluError("--out", f"{out} is not empty; give a new directory")
-    out.mkdir(parents=True, exist_ok=True)
     common = ["--model", args.model, "--steps", str(args.steps), "--train.log_every", "1", "--train.eval_every", "0",
               "--train.sample_tokens", "0", *args.train_args]
+    _check(common, out / _slug("one process"))
+    out.mkdir(parents=True, exist_ok=True)
     if not any(a.startswith("--parallel.hardware") for a in args.train_args):
         _calibrate(torch, {1, n})
     rows = {}
@@ -96,6 +98,20 @@ def _calibrate(torch: Any, counts: set[int]) -> None:
         if not path.exists():
             print(f"bench: calibrating {nproc} x {device} (saved to {path})", flush=True)
             save(calibrate(device, nproc), path)
+
+
+def _check(common: list[str], run_dir: Path) -> None:
+    """Raise the error ``zhilu train --dry-run`` gives for the model and flags, before anything runs."""
+    argv = [sys.executable, "-m", "zhilu", "train", *common, "--nproc", "1", "--plan", "dp=1", "--out", str(run_dir),
+            "--dry-run"]
+    done = subprocess.run(argv, capture_output=True, text=True)
+    if done.returncode == 0:
+        return
+    last = next((line for line in reversed(done.stderr.splitlines()) if line.strip()), "")
+    if done.returncode == ZhiluError.exit_code and last.startswith("error: "):
+        field, _, message = last.removeprefix("error: ").partition(": ")
+        raise ZhiluError(field, message)
+    raise RuntimeError(f"zhilu train --dry-run failed (exit code {done.returncode}):\n{done.stderr}")
 
 
 def _run_one(run_dir: Path, nproc: int, plan: str, common: list[str], warmup: int) -> dict[str, Any]:
