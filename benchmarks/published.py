@@ -4,7 +4,9 @@
 
 For each row with a step time or a throughput: the predicted and the published step time
 and the absolute percentage error; then the median and the maximum. Then the per-device
-memory against Korthikanti et al. 2022 Fig. 1 and the torchtitan memory columns.
+memory against Korthikanti et al. 2022 Fig. 1 and the torchtitan memory columns. Then two
+sources the model was not developed on: llm-foundry's FSDP tables and BigScience's BLOOM-176B
+topology sweep (step time, memory, and which configurations ran out of memory).
 
 Each source ran a known software stack (a :class:`Software`: fused kernels or eager
 PyTorch, flash or explicit attention, what overlaps) on known hardware. Settings a source
@@ -40,7 +42,7 @@ DEFAULT_DIR = Path(__file__).resolve().parent / "published"  # a copy of the pro
 # --- the software that produced each source: zhilu.perf.software's named stacks -----------------
 MEGATRON_2020, MEGATRON_2022, MEGATRON_CORE = stack("megatron-lm-2020"), stack("megatron-lm-2022"), stack("megatron")
 TORCHTITAN, TORCHTITAN_COMPILE, LLAMA3 = stack("torchtitan"), stack("torchtitan-compile"), stack("llama3")
-FSDP = stack("fsdp")
+FSDP, DEEPSPEED = stack("fsdp"), stack("deepspeed")
 # torchtitan's "selective layer" option checkpoints every second layer: a recompute choice of the
 # run, not of the stack.
 TORCHTITAN_LAYER = replace(TORCHTITAN, selective="alternate")
@@ -241,6 +243,70 @@ def foundry_rows(root: Path) -> list[Row]:
     return rows
 
 
+# Jean Zay (BLOOM's cluster): A100-SXM4-80GB, 8 a node on NVLink, 4 x 100 Gb/s Omni-Path a node:
+# 6.25 GB/s per GPU, the per-GPU share of the DGX-2's 100 Gb/s links (zhilu.perf.presets).
+_A100 = hardware.PRESETS["a100-80gb"]
+JEAN_ZAY = replace(_A100, name="a100-80gb-jean-zay", inter=replace(
+    _A100.inter, name="omni-path-100", bandwidth_gbps=hardware.PRESETS["v100-32gb"].inter.bandwidth_gbps))
+BLOOM_VOCAB = 250880  # 250,680 padded to a multiple of 128 x tp (Megatron's --make-vocab-size-divisible-by)
+
+
+def _number(cell: str) -> float | None:
+    """The number a cell starts with (``~79 (DERIVED ...)`` is 79); None for UNKNOWN, OOM."""
+    head = cell.strip().lstrip("~").split(" ")[0]
+    try:
+        return float(head)
+    except ValueError:
+        return None
+
+
+@dataclass
+class Fit:
+    """A published configuration that ran or ran out of memory, and whether the model says it fits."""
+
+    label: str
+    ran: bool
+    fits: bool
+
+
+def bloom_rows(root: Path) -> tuple[list[Row], list[Row], list[Fit]]:
+    """BigScience's topology sweep for BLOOM-176B (Megatron-DeepSpeed, the ``deepspeed`` stack, on
+    Jean Zay): step time, the memory nvidia-smi showed on the busiest GPU, and which
+    configurations ran out of memory. Every setting is the row's own; a row that leaves the
+    layers, heads or micro-batch unstated is listed as not modelled."""
+    steps: list[Row] = []
+    memory: list[Row] = []
+    fits: list[Fit] = []
+    for r in read(root / "bloom176b_topology_benchmarks_prequel.csv"):
+        layers, heads, b = _number(r["n_layers"]), _number(r["n_heads"]), _number(r["micro_batch"])
+        tp, pp, gpus, batch = int(r["tp"]), int(r["pp"]), int(r["n_gpus"]), int(r["global_batch_seqs"])
+        dp = int(_number(r["dp"]) or gpus // (tp * pp))
+        label = (f"#{r['row_id']} h={r['hidden']} L={r['n_layers'].split(' ')[0]} tp={tp} pp={pp} dp={dp} "
+                 f"mbs={r['micro_batch']}")
+        published_s, published_gib = _number(r["iter_time_s"]), _number(r["memory_gib"])
+        oom = r["iter_time_s"] == "OOM"
+        if None in (layers, heads, b):
+            why = "not modelled: " + ", ".join(k for k, v in (("layers", layers), ("heads", heads),
+                                                               ("micro-batch", b)) if v is None) + " not stated"
+            if published_s:
+                steps.append(Row("BLOOM-176B sweep", label, published_s, note=why))
+            continue
+        model = gpt(int(layers), int(r["hidden"]), int(heads), BLOOM_VOCAB, int(r["seq_len"]), tied=True)
+        # fp16 gradients are all-reduced in fp16; BF16_Optimizer accumulates and reduces them in fp32
+        sw = replace(DEEPSPEED, grad_reduce_bytes=4) if "fp32 grad" in r["precision"] else DEEPSPEED
+        plan = Plan(dp=dp, tp=tp, pp=pp, zero=0 if "ZeRO-0" in r["sharding"] + r["notes"] else 1,
+                    mb=batch // (dp * int(b)), recompute="full", precision="bf16")
+        estimate = StepModel(model, JEAN_ZAY.sized(gpus), batch, sw).evaluate(plan)
+        if published_s:
+            steps.append(Row("BLOOM-176B sweep", label, published_s, estimate.step_time_s,
+                             regime(plan, sw.name)))
+        if published_gib:
+            memory.append(Row("BLOOM-176B sweep", label, published_gib, estimate.memory_gib_per_device))
+        if published_s or oom:
+            fits.append(Fit(label, not oom, estimate.fits))
+    return steps, memory, fits
+
+
 def memory_rows(root: Path) -> list[Row]:
     rows: list[Row] = []
     configs = {r["model"]: r for r in read(root / "korthikanti_2022_table3_table5.csv")}
@@ -351,6 +417,16 @@ def main(argv: list[str] | None = None) -> int:
     for seq, errors in signed_by_seq(foundry).items():
         print(f"  seq {seq:>6}: {median(errors):>+7.1%} over {len(errors)} rows")
     _table("Memory per device", memory_rows(args.published), "GiB")
+    steps, memory, fits = bloom_rows(args.published)
+    _table("Step time, BLOOM-176B topology sweep (not used in developing the model)", steps, "seconds per step")
+    _table("Memory per device, BLOOM-176B topology sweep (nvidia-smi, the busiest GPU)", memory, "GiB")
+    agree = [f for f in fits if f.ran == f.fits]
+    print(f"\nOut of memory, BLOOM-176B topology sweep: {len(agree)} of {len(fits)} configurations predicted as they "
+          f"went ({sum(not f.ran for f in fits)} ran out of memory)")
+    for f in fits:
+        if f.ran != f.fits:
+            print(f"  {f.label}: {'ran' if f.ran else 'ran out of memory'}, predicted to "
+                  f"{'fit' if f.fits else 'not fit'}")
     return 0
 
 

@@ -3,8 +3,8 @@
 import pytest
 
 from zhilu.errors import ZhiluError
-from zhilu.perf.pipeline import (RankGroup, bubble_fraction, even_stage_layers, in_flight, pipeline_seconds,
-                                 rank_groups)
+from zhilu.perf.pipeline import (RankGroup, balanced_stage_layers, bubble_fraction, even_stage_layers, in_flight,
+                                 pipeline_seconds, rank_groups)
 
 
 def test_bubble_is_p_minus_1_over_m_and_divided_by_virtual_stages():
@@ -44,6 +44,14 @@ def test_megatron_splits_the_layers_evenly():
     with pytest.raises(ZhiluError) as e:
         even_stage_layers(10, 4)
     assert e.value.field == "pp"
+
+
+def test_deepspeed_splits_the_layers_uniformly_the_first_stages_taking_one_more():
+    assert [len(r) for r in balanced_stage_layers(70, 12)] == [6] * 10 + [5] * 2  # BLOOM's 70 layers on 12 stages
+    assert balanced_stage_layers(70, 12)[-1] == range(65, 70)
+    assert [len(r) for r in balanced_stage_layers(10, 4)] == [3, 3, 2, 2]
+    assert balanced_stage_layers(72, 12) == even_stage_layers(72, 12)
+    assert [(g.count, g.layers) for g in rank_groups(10, 4, 1, "balanced")] == [(1, 3), (1, 3), (1, 2), (1, 2)]
 
 
 def test_micro_batches_in_flight_per_schedule():

@@ -119,7 +119,7 @@ def test_the_table_fits_100_columns_and_gives_each_row_its_spec(capsys):
     (JOB[:-2], "hardware"),
     ([*JOB, "--micro-batch", "0"], "micro_batch"),
     ([*JOB, "--tokens", "-5"], "tokens"),
-    ([*JOB, "--software", "deepspeed"], "software"),  # not a profile yet
+    ([*JOB, "--software", "alpa"], "software"),  # not a profile
 ])
 def test_bad_input_is_a_user_error_naming_the_field(argv, field):
     with pytest.raises(ZhiluError) as e:

@@ -58,3 +58,25 @@ def test_the_error_bands_of_zhilu_plan_are_what_the_benchmark_measures():
     ratios = published.band_ratios(published.step_rows(root) + published.foundry_rows(root))
     assert error_bands.RATIOS == ratios, "run python benchmarks/published.py --write-bands"
     assert published.BANDS_FILE.read_text() == published.bands_source(ratios)
+
+
+def test_every_bloom_sweep_row_is_modelled_or_names_the_setting_it_does_not_state():
+    steps, memory, fits = published.bloom_rows(published.DEFAULT_DIR)
+    for r in steps:
+        assert r.predicted is not None or (r.note.startswith("not modelled: ") and r.note.endswith(" not stated"))
+    assert sum(r.predicted is not None for r in steps) == 93 and len(memory) == 54 and len(fits) == 99
+
+
+def test_the_bloom_sweep_out_of_memory_boundary_is_predicted_in_90_percent_of_its_configurations():
+    _, _, fits = published.bloom_rows(published.DEFAULT_DIR)
+    assert sum(f.ran == f.fits for f in fits) >= 0.9 * len(fits)
+    assert sum(not f.ran for f in fits) == 6
+
+
+def test_bloom_sweep_errors_do_not_regress():
+    # step time median 15.3%, max 37.3%; memory median 17.7% when first measured (docs/perf_model.md,
+    # section 9): runs the model was not developed on, predicted too fast and too small
+    steps, memory, _ = published.bloom_rows(published.DEFAULT_DIR)
+    med, worst, _ = published.summary(steps)
+    assert med <= 0.154 and worst <= 0.374, f"median {med:.1%}, max {worst:.1%}"
+    assert published.summary(memory)[0] <= 0.178

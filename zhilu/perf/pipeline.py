@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from zhilu.errors import ZhiluError
 from zhilu.plan import SCHEDULES, rank_layers, stage_layers
 
-__all__ = ["SCHEDULES", "RankGroup", "bubble_fraction", "even_stage_layers", "in_flight", "pipeline_seconds",
-           "rank_groups", "splits"]
+__all__ = ["SCHEDULES", "RankGroup", "balanced_stage_layers", "bubble_fraction", "even_stage_layers", "in_flight",
+           "pipeline_seconds", "rank_groups", "splits"]
 
 
 def bubble_fraction(pp: int, micro_batches: int, virtual_stages: int = 1) -> float:
@@ -33,7 +33,16 @@ def even_stage_layers(n_layers: int, n_stages: int) -> list[range]:
     return [range(k * q, (k + 1) * q) for k in range(n_stages)]
 
 
-splits = {"zhilu": stage_layers, "even": even_stage_layers}  # Software.stage_split -> the split
+def balanced_stage_layers(n_layers: int, n_stages: int) -> list[range]:
+    """DeepSpeed's uniform split (deepspeed/runtime/utils.py, ``partition_uniform``): ``n_layers //
+    n_stages`` layers a stage, the first ``n_layers % n_stages`` stages one more."""
+    q, extra = divmod(n_layers, n_stages)
+    bounds = [k * q + min(k, extra) for k in range(n_stages + 1)]
+    return [range(bounds[k], bounds[k + 1]) for k in range(n_stages)]
+
+
+# Software.stage_split -> the split
+splits = {"zhilu": stage_layers, "even": even_stage_layers, "balanced": balanced_stage_layers}
 
 
 @dataclass(frozen=True)

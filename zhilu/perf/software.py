@@ -2,8 +2,9 @@
 
 :data:`STACKS` holds the profiles ``zhilu plan --software NAME`` selects: ``zhilu`` (zhilu's
 own runtime, the default), ``megatron`` (Megatron-Core) and its older ``megatron-lm-2020`` /
-``megatron-lm-2022``, ``torchtitan`` and ``torchtitan-compile``, ``fsdp`` (PyTorch FSDP2 in
-eager mode) and ``llama3`` (Meta's Llama 3 stack). ``benchmarks/published.py`` predicts each
+``megatron-lm-2022``, ``deepspeed`` (Megatron-DeepSpeed), ``torchtitan`` and
+``torchtitan-compile``, ``fsdp`` (PyTorch FSDP2 in eager mode) and ``llama3`` (Meta's Llama 3
+stack). ``benchmarks/published.py`` predicts each
 source with its stack's name. Pure Python.
 """
 
@@ -72,7 +73,8 @@ class Software:
     # again for each micro-batch (m + 1 gathers a step) while holding as much as ZeRO-1 at its peak.
     torch_pipelining: bool = False
     # Layers per pipeline stage: zhilu.plan.stage_layers (the embedding and the output layer each
-    # count as one layer), or "even" (Megatron-LM: layers / stages on every stage, which must divide)
+    # count as one layer), "even" (Megatron-LM: layers / stages on every stage, which must divide) or
+    # "balanced" (DeepSpeed: as even as they go, the first stages taking one more)
     stage_split: str = "zhilu"
     # A tied output layer may sit on another pipeline stage than the embedding (Megatron-LM keeps
     # a copy there and all-reduces the two gradients); zhilu's runtime refuses such a plan.
@@ -99,6 +101,13 @@ MEGATRON_2022 = Software("megatron-lm-2022", fused_kernels=True, flash_attention
 # max(40M, 1M x dp) parameters (megatron/core/distributed/distributed_data_parallel.py, bucket_size).
 MEGATRON_CORE = Software("megatron", fused_kernels=True, tp_overlap=True, pp_overlap=True, fused_projections=True,
                          bucket_params=40_000_000, bucket_params_per_dp=1_000_000, stage_split="even")
+# Megatron-DeepSpeed (BigScience's fork, 2022, which trained BLOOM): Megatron-LM's fused kernels
+# and explicit attention, DeepSpeed's PipelineEngine (1F1B, blocking transfers of whole activations)
+# and ZeRO-1 over data parallelism, fp16 gradients all-reduced once the last micro-batch is done
+# (PipelineEngine's ReduceGrads instruction ends the schedule: no overlap). Its partition method
+# "type:transformer" spreads the transformer layers uniformly over the stages.
+DEEPSPEED = Software("deepspeed", fused_kernels=True, flash_attention=False, dp_overlap=False, grad_reduce_bytes=2,
+                     fused_projections=True, stage_split="balanced")
 # PyTorch FSDP2 in eager mode, as a user's own loop runs it: SDPA flash attention, prefetch under
 # compute, gradients reduced in fp32, PyTorch's default (foreach) AdamW, one FSDP unit a layer.
 FSDP = Software("fsdp", foreach_adamw=True)
@@ -111,8 +120,8 @@ TORCHTITAN_COMPILE = replace(TORCHTITAN, name="torchtitan-compile", fused_kernel
 # transfers and overlapped FSDP-style data parallelism (paper, Sec. 3.3).
 LLAMA3 = Software("llama3", fused_kernels=True, pp_overlap=True, fused_projections=True)
 
-STACKS = {sw.name: sw for sw in (ZHILU, MEGATRON_CORE, MEGATRON_2020, MEGATRON_2022, TORCHTITAN, TORCHTITAN_COMPILE,
-                                 FSDP, LLAMA3)}
+STACKS = {sw.name: sw for sw in (ZHILU, MEGATRON_CORE, MEGATRON_2020, MEGATRON_2022, DEEPSPEED, TORCHTITAN,
+                                 TORCHTITAN_COMPILE, FSDP, LLAMA3)}
 
 
 def stack(name: str) -> Software:
