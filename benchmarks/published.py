@@ -4,9 +4,10 @@
 
 For each row with a step time or a throughput: the predicted and the published step time
 and the absolute percentage error; then the median and the maximum. Then the per-device
-memory against Korthikanti et al. 2022 Fig. 1 and the torchtitan memory columns. Then two
-sources the model was not developed on: llm-foundry's FSDP tables and BigScience's BLOOM-176B
-topology sweep (step time, memory, and which configurations ran out of memory).
+memory against Korthikanti et al. 2022 Fig. 1 and the torchtitan memory columns. Then three
+sources the model was not developed on: llm-foundry's FSDP tables, NeMo-Megatron's GPT-3
+scaling table and BigScience's BLOOM-176B topology sweep (step time, memory, and which
+configurations ran out of memory).
 
 Each source ran a known software stack (a :class:`Software`: fused kernels or eager
 PyTorch, flash or explicit attention, what overlaps) on known hardware. Settings a source
@@ -307,6 +308,27 @@ def bloom_rows(root: Path) -> tuple[list[Row], list[Row], list[Fit]]:
     return steps, memory, fits
 
 
+def nemo_rows(root: Path) -> list[Row]:
+    """NeMo-Megatron's GPT-3 scaling table (2022-09, DGX A100 SuperPOD): throughput as published,
+    the layout from the launcher's default configs of the same commit (unverified by the
+    source). NeMo then ran Megatron-LM's 2022 code (``megatron-lm-2022``: the
+    kernels, sequence parallelism and selective recompute of Korthikanti et al.) with a
+    distributed optimizer (ZeRO-1)."""
+    rows: list[Row] = []
+    for r in read(root / "nemo_launcher_gpt3_a100_scaling.csv"):
+        gpus, tp, pp, b = int(r["n_gpus"]), int(_number(r["tp"])), int(_number(r["pp"])), int(_number(r["micro_batch"]))
+        dp = gpus // (tp * pp)
+        model = gpt(int(r["n_layers"]), int(r["hidden"]), int(r["n_heads"]), 50304 if tp == 1 else 51200, 2048,
+                    tied=True)
+        label = f"{r['model'].split(' (')[0]} {gpus} GPUs tp={tp} pp={pp} dp={dp} mbs={b}"
+        selective = r["recompute"].startswith("selective")
+        t = predict(model, hardware.PRESETS["a100-80gb"].sized(gpus), 2048, MEGATRON_2022, require_fit=False, dp=dp,
+                    tp=tp, pp=pp, zero=1, micro_batch=b, schedule="1f1b", sp=selective and tp > 1,
+                    recompute="selective" if selective else "none")
+        rows.append(Row("NeMo GPT-3 A100", label, float(_number(r["iter_time_s"])), *t))
+    return rows
+
+
 def memory_rows(root: Path) -> list[Row]:
     rows: list[Row] = []
     configs = {r["model"]: r for r in read(root / "korthikanti_2022_table3_table5.csv")}
@@ -417,6 +439,8 @@ def main(argv: list[str] | None = None) -> int:
     for seq, errors in signed_by_seq(foundry).items():
         print(f"  seq {seq:>6}: {median(errors):>+7.1%} over {len(errors)} rows")
     _table("Memory per device", memory_rows(args.published), "GiB")
+    _table("Step time, NeMo GPT-3 scaling, layouts of its default configs (not used in developing the model)",
+           nemo_rows(args.published), "seconds per step")
     steps, memory, fits = bloom_rows(args.published)
     _table("Step time, BLOOM-176B topology sweep (not used in developing the model)", steps, "seconds per step")
     _table("Memory per device, BLOOM-176B topology sweep (nvidia-smi, the busiest GPU)", memory, "GiB")
