@@ -84,6 +84,22 @@ def test_terms_sum_to_the_step_time_and_predictions_sit_beside_them(ddp_run: lis
     assert ddp_run[-1]["eta_s"] == 0
 
 
+def test_the_summary_corrects_the_prediction_by_the_first_10_steps(ddp_out: Path) -> None:
+    """Logged at step 1 and every 5 steps: fitted on the intervals of steps 2-5 and 6-10 (each
+    term their median), judged on the steps after."""
+    summary = json.loads((ddp_out / "summary.json").read_text())
+    recs = records(ddp_out)
+    fitted = [r["breakdown"] for r in recs if 1 < r["step"] <= 10]
+    assert len(fitted) == 2
+    measured = {t: statistics.median(b[t] for b in fitted) for t in fitted[0]}
+    assert summary["corrected_step_time_s"] == pytest.approx(sum(measured.values()))
+    predicted = recs[0]["predicted"]
+    assert summary["correction_factors"]["compute"] == pytest.approx(
+        (measured["forward"] + measured["backward"]) / (predicted["compute"] + predicted["tp_comm"]))
+    after = statistics.median([r["step_time_s"] for r in recs if r["step"] > 10 for _ in range(5)])
+    assert summary["corrected_error"] == pytest.approx(after / summary["corrected_step_time_s"] - 1)
+
+
 def test_a_slower_pipeline_stage_shows_in_its_forward_and_in_the_other_stages_wait(tmp_path: Path) -> None:
     """Stage 1 computes 10 ms longer before each of its 4 micro-batches' forward from step 16:
     its ``forward`` grows by the 4 delays. Under 1F1B on two stages each of those forwards lies

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from zhilu.monitor.correction import STEPS
 from zhilu.monitor.memory import KEYS
 from zhilu.monitor.progress import TrainProgress
 from zhilu.perf.step import Estimate
@@ -37,6 +38,10 @@ def print_summary(progress: TrainProgress, s: dict[str, Any], run_dir: Path) -> 
     if s["prediction_error"] is not None:
         lines.append(f"[bold]predicted[/]   {s['predicted_step_time_s'] * 1e3:.0f} ms/step, measured "
                      f"{s['measured_step_time_s'] * 1e3:.0f} ({s['prediction_error']:+.0%})")
+    if s.get("corrected_error") is not None:
+        after = s["corrected_step_time_s"] * (1 + s["corrected_error"])
+        lines.append(f"[bold]corrected[/]   {s['corrected_step_time_s'] * 1e3:.0f} ms/step from the first {STEPS} "
+                     f"steps; after them {after * 1e3:.0f} ({s['corrected_error']:+.0%})")
     if s["final_loss"] is not None:
         val = f", validation {s['final_val_loss']:.4f}" if s["final_val_loss"] is not None else ""
         lines.append(f"[bold]loss[/]        train {s['final_loss']:.4f}{val}")

@@ -13,6 +13,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from zhilu.monitor.correction import STEPS, from_records
 from zhilu.training import predict
 from zhilu.training.checkpoint import latest_checkpoint, params_sha256
 from zhilu.training.metrics import write_json
@@ -25,7 +26,8 @@ ENDINGS = ("finished", "aborted", "preempted", "failed", "interrupted")
 # Filled by the trainer; the launcher's summary of a failed run has them null.
 MEASURED = ("plan", "world_size", "device", "model", "params", "steps", "seq_len", "global_batch", "hardware",
             "predicted_step_time_s", "measured_step_time_s", "prediction_error", "predicted_breakdown",
-            "predicted_memory_mib_per_rank", "tokens_per_s", "mfu", "hfu", "peak_tflops", "final_loss",
+            "predicted_memory_mib_per_rank", "corrected_step_time_s", "corrected_breakdown", "correction_factors",
+            "corrected_error", "tokens_per_s", "mfu", "hfu", "peak_tflops", "final_loss",
             "final_val_loss", "final_val_loss_per_byte", "wall_s", "memory_mib_per_rank", "sample", "explain",
             "last_step", "bad_steps", "final_params_sha256")
 
@@ -70,6 +72,17 @@ def median_step_time(records: list[dict[str, Any]]) -> float | None:
     return statistics.median(times[1:] or times) if times else None
 
 
+def corrected(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The prediction corrected by the first :data:`zhilu.monitor.correction.STEPS` steps, and its
+    error on the median of the steps after them (None where the run has none)."""
+    c = from_records(records)
+    later = step_times(records)[STEPS:]
+    return {"corrected_step_time_s": c.step_time_s if c else None,
+            "corrected_breakdown": c.breakdown if c else None,
+            "correction_factors": c.factors if c else None,
+            "corrected_error": statistics.median(later) / c.step_time_s - 1 if c and later else None}
+
+
 def run_summary(self: Any, ended: str, error: str | None, last_loss: float | None, val_loss: float | None,
                 wall_s: float) -> dict[str, Any]:
     """The summary of a run a trainer (``self``) ran to an end: everything it measured."""
@@ -102,6 +115,7 @@ def run_summary(self: Any, ended: str, error: str | None, last_loss: float | Non
         "prediction_error": measured / predicted - 1 if measured and predicted else None,
         "predicted_breakdown": e.breakdown if e is not None else None,
         "predicted_memory_mib_per_rank": e.memory_gib_per_device * 1024 if e is not None else None,
+        **corrected(self.metrics.records if self.metrics is not None else []),
         "tokens_per_s": self.items_per_step / measured if measured else None,
         "mfu": self._mfu(measured) if measured else None,
         "hfu": self._mfu(measured) * self.hfu_ratio if measured and self.peak_tflops else None,
