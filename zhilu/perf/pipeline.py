@@ -34,8 +34,9 @@ def even_stage_layers(n_layers: int, n_stages: int) -> list[range]:
 
 
 def balanced_stage_layers(n_layers: int, n_stages: int) -> list[range]:
-    """DeepSpeed's uniform split (deepspeed/runtime/utils.py, ``partition_uniform``): ``n_layers //
-    n_stages`` layers a stage, the first ``n_layers % n_stages`` stages one more."""
+    """DeepSpeed's uniform split (``partition_uniform`` in deepspeed/runtime/utils.py of current
+    releases): ``n_layers // n_stages`` layers a stage, the first ``n_layers % n_stages`` stages
+    one more."""
     q, extra = divmod(n_layers, n_stages)
     bounds = [k * q + min(k, extra) for k in range(n_stages + 1)]
     return [range(bounds[k], bounds[k + 1]) for k in range(n_stages)]

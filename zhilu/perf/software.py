@@ -104,8 +104,9 @@ MEGATRON_CORE = Software("megatron", fused_kernels=True, tp_overlap=True, pp_ove
 # Megatron-DeepSpeed (BigScience's fork, 2022, which trained BLOOM): Megatron-LM's fused kernels
 # and explicit attention, DeepSpeed's PipelineEngine (1F1B, blocking transfers of whole activations)
 # and ZeRO-1 over data parallelism, fp16 gradients all-reduced once the last micro-batch is done
-# (PipelineEngine's ReduceGrads instruction ends the schedule: no overlap). Its partition method
-# "type:transformer" spreads the transformer layers uniformly over the stages.
+# (PipelineEngine's ReduceGrads instruction ends the schedule: no overlap). Its stages hold
+# ceil(layers / stages) transformer layers at most, as both its "uniform" and its
+# "type:transformer" partition methods give for equal layers; taken as the uniform split.
 DEEPSPEED = Software("deepspeed", fused_kernels=True, flash_attention=False, dp_overlap=False, grad_reduce_bytes=2,
                      fused_projections=True, stage_split="balanced")
 # PyTorch FSDP2 in eager mode, as a user's own loop runs it: SDPA flash attention, prefetch under
