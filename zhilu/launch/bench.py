@@ -102,9 +102,7 @@ def _calibrate(torch: Any, counts: set[int]) -> None:
 
 def _check(common: list[str], run_dir: Path) -> None:
     """Raise the error ``zhilu train --dry-run`` gives for the model and flags, before anything runs."""
-    argv = [sys.executable, "-m", "zhilu", "train", *common, "--nproc", "1", "--plan", "dp=1", "--out", str(run_dir),
-            "--dry-run"]
-    done = subprocess.run(argv, capture_output=True, text=True)
+    done = subprocess.run([*_train_argv(common, 1, "dp=1", run_dir), "--dry-run"], capture_output=True, text=True)
     if done.returncode == 0:
         return
     last = next((line for line in reversed(done.stderr.splitlines()) if line.strip()), "")
@@ -114,11 +112,14 @@ def _check(common: list[str], run_dir: Path) -> None:
     raise RuntimeError(f"zhilu train --dry-run failed (exit code {done.returncode}):\n{done.stderr}")
 
 
-def _run_one(run_dir: Path, nproc: int, plan: str, common: list[str], warmup: int) -> dict[str, Any]:
-    argv = [sys.executable, "-m", "zhilu", "train", *common, "--nproc", str(nproc), "--plan", plan,
+def _train_argv(common: list[str], nproc: int, plan: str, run_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "zhilu", "train", *common, "--nproc", str(nproc), "--plan", plan,
             "--out", str(run_dir)]
+
+
+def _run_one(run_dir: Path, nproc: int, plan: str, common: list[str], warmup: int) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if k != "TORCHELASTIC_RUN_ID"}
-    done = subprocess.run(argv, capture_output=True, text=True, env=env)
+    done = subprocess.run(_train_argv(common, nproc, plan, run_dir), capture_output=True, text=True, env=env)
     row: dict[str, Any] = {"plan": plan, "nproc": nproc, "run_dir": str(run_dir)}
     if done.returncode != 0:
         lines = [line for line in done.stderr.strip().splitlines() if line.strip()]

@@ -4,8 +4,7 @@
 own runtime, the default), ``megatron`` (Megatron-Core) and its older ``megatron-lm-2020`` /
 ``megatron-lm-2022``, ``deepspeed`` (Megatron-DeepSpeed), ``torchtitan`` and
 ``torchtitan-compile``, ``fsdp`` (PyTorch FSDP2 in eager mode) and ``llama3`` (Meta's Llama 3
-stack). ``benchmarks/published.py`` predicts each
-source with its stack's name. Pure Python.
+stack). ``benchmarks/published.py`` predicts each source with its stack's name. Pure Python.
 """
 
 from __future__ import annotations
