@@ -2,6 +2,7 @@
 PyTorch DDP loop, side by side.
 
     python benchmarks/overhead.py [--nproc 2] [--rounds 12] [--steps-per-round 5]
+    python benchmarks/overhead.py --tp-comm     # the cost of --metrics.tp_comm under tp=2
 
 Both loops train the same model (gpt-tiny, 16 x 256 tokens per step over 2 gloo ranks)
 on the same batches, with AdamW, gradient clipping and a per-step learning rate. They
@@ -11,6 +12,10 @@ the target is at most 1.03). zhilu's step runs as in training: its step clock ti
 (zhilu/monitor/breakdown.py), DDP's comm hook marks each bucket's launch, and every 10 steps
 the ranks gather their breakdowns, so the ratio includes what the instrumentation costs
 (target: at most 2%).
+
+With ``--tp-comm`` the two sides are zhilu's tensor-parallel step (tp=NPROC) with its
+tensor-parallel traffic timed apart (``--metrics.tp_comm``, a dispatch mode that sees every
+operator) and the same step without it; the ratio is what that timing costs.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import statistics
 import tempfile
 import time
 import warnings
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -66,21 +72,29 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
     cfg, plan, spec = args.job
     model_cfg = spec.shape
     env = init_parallel(plan, "cpu")
-    trainer = Trainer(cfg, plan, spec, env)
 
-    def zhilu_step() -> None:
-        trainer.clock.start_step()
-        trainer.train_step(*trainer.next_batch())
-        trainer.clock.end_step()
-        if trainer.step % 10 == 0:
-            trainer.clock.collect(trainer.device)
+    def zhilu_loop(cfg: JobConfig):
+        trainer = Trainer(cfg, plan, spec, env)
+
+        def zhilu_step() -> None:
+            trainer.clock.start_step()
+            trainer.train_step(*trainer.next_batch())
+            trainer.clock.end_step()
+            if trainer.step % 10 == 0:
+                trainer.clock.collect(trainer.device)
+
+        return zhilu_step
 
     from zhilu.data.corpus import load_corpus
     from zhilu.data.loader import ShardedLoader
 
-    corpus = load_corpus(None)
-    plain_step = plain_ddp_loop(cfg, model_cfg, ShardedLoader(
-        corpus.train, cfg.train.seq_len, cfg.train.global_batch, env.dp_rank, plan.dp, cfg.train.seed))
+    zhilu_step = zhilu_loop(cfg)
+    if args.tp_comm:  # the same tensor-parallel step, its traffic not timed apart
+        plain_step = zhilu_loop(replace(cfg, metrics=replace(cfg.metrics, tp_comm=False)))
+    else:
+        corpus = load_corpus(None)
+        plain_step = plain_ddp_loop(cfg, model_cfg, ShardedLoader(
+            corpus.train, cfg.train.seq_len, cfg.train.global_batch, env.dp_rank, plan.dp, cfg.train.seed))
 
     times: dict[str, list[float]] = {"zhilu": [], "plain": []}
     for round_ in range(args.rounds):
@@ -95,11 +109,12 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
                 times[name].append((time.perf_counter() - start) / args.steps_per_round)
     if rank == 0:
         z, p = statistics.median(times["zhilu"]), statistics.median(times["plain"])
-        print(f"ranks {world}, gpt-tiny, {cfg.train.global_batch} x {cfg.train.seq_len} tokens/step, "
-              f"{args.rounds - 2} rounds of {args.steps_per_round} steps each")
-        print(f"plain DDP loop  {p * 1e3:8.1f} ms/step (median)")
-        print(f"zhilu           {z * 1e3:8.1f} ms/step (median)")
-        print(f"ratio zhilu / plain = {z / p:.3f}")
+        print(f"ranks {world}, gpt-tiny, plan {plan.spec()}, {cfg.train.global_batch} x {cfg.train.seq_len} "
+              f"tokens/step, {args.rounds - 2} rounds of {args.steps_per_round} steps each")
+        names = ("zhilu, tp_comm untimed", "zhilu, tp_comm timed") if args.tp_comm else ("plain DDP loop", "zhilu")
+        print(f"{names[0]:<24}{p * 1e3:8.1f} ms/step (median)")
+        print(f"{names[1]:<24}{z * 1e3:8.1f} ms/step (median)")
+        print(f"ratio {names[1]} / {names[0]} = {z / p:.3f}")
     shutdown_parallel()
 
 
@@ -108,10 +123,13 @@ def main() -> None:
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--steps-per-round", type=int, default=5)
+    parser.add_argument("--tp-comm", action="store_true", help="the cost of --metrics.tp_comm under tp=NPROC")
     args = parser.parse_args()
     cfg = JobConfig()
     cfg.launch.nproc = args.nproc
     cfg.launch.device = "cpu"
+    if args.tp_comm:
+        cfg.parallel.plan, cfg.metrics.tp_comm = f"tp={args.nproc}", True
     with tempfile.TemporaryDirectory() as tmp, socket.socket() as s:
         cfg.run.out = f"{tmp}/run"
         args.job = prepare(cfg)

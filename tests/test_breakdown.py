@@ -18,6 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import MICRO, train
 from zhilu.config import JobConfig
+from zhilu.monitor.breakdown import STRAGGLER_STEPS
 from zhilu.models.registry import spec_of
 
 DELAY_MS = 30
@@ -100,6 +101,26 @@ def test_the_summary_corrects_the_prediction_by_the_first_10_steps(ddp_out: Path
     assert summary["corrected_error"] == pytest.approx(after / summary["corrected_step_time_s"] - 1)
 
 
+def test_a_slowed_tensor_parallel_collective_shows_in_tp_comm_only(tmp_path: Path) -> None:
+    """Rank 1 sleeps 30 ms as it launches each step's first tensor-parallel collective from step
+    16 on: its own ``tp_comm`` grows by the delay, and so does rank 0's, which waits for rank 1's
+    share in the same collective; the other terms stay put. The waits also take up the ranks'
+    skew, which moves by a few ms between phases on this machine (in 6 runs the term grew by
+    31-40 ms), so the growth is held to between nine tenths of the delay and half as much again."""
+    out = train(tmp_path / "run", *LOGGED, "--steps", str(2 * PHASE), "--nproc", "2", "--plan", "tp=2",
+                "--metrics.tp_comm", "true",
+                env={"ZHILU_FAULTS": f"delay:rank=1:term=tp_comm:ms={DELAY_MS}:step={PHASE + 1}"})
+    recs = records(out)
+    delay = DELAY_MS / 1e3
+    for rank in (None, 0, 1):
+        before, after = phase(recs, 0, rank), phase(recs, 1, rank)
+        assert 0.9 * delay <= after["tp_comm"] - before["tp_comm"] <= 1.5 * delay, (rank, before, after)
+        for other in before.keys() - {"tp_comm"}:
+            change = after[other] - before[other]
+            assert abs(change) <= max(0.1 * before[other], 0.005), (rank, other, change, before, after)
+    assert_terms_sum_to_step_time(recs)
+
+
 def test_a_slower_pipeline_stage_shows_in_its_forward_and_in_the_other_stages_wait(tmp_path: Path) -> None:
     """Stage 1 computes 10 ms longer before each of its 4 micro-batches' forward from step 16:
     its ``forward`` grows by the 4 delays. Under 1F1B on two stages each of those forwards lies
@@ -134,7 +155,9 @@ def test_a_rank_slowed_by_30_percent_is_named_within_20_steps(tmp_path: Path, pl
     out = train(tmp_path / "run", *STRAGGLER_RUN, "--plan", plan, env={"ZHILU_FAULTS": "slow:rank=1:percent=30"})
     recs = records(out)
     assert recs[-1]["straggler"] == 1, [r["compute_s_by_rank"] for r in recs]
-    assert all(r["slowest_rank"] == 1 for r in recs if r["step"] > 1), [r["compute_s_by_rank"] for r in recs]
+    # past the start-up steps, which are not judged (rank 0's own start-up work can outweigh 30%)
+    judged = [r for r in recs if r["step"] > STRAGGLER_STEPS]
+    assert judged and all(r["slowest_rank"] == 1 for r in judged), [r["compute_s_by_rank"] for r in recs]
 
 
 @pytest.mark.parametrize("plan", ["dp=2", "dp=2,zero=3"])

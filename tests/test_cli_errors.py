@@ -43,6 +43,7 @@ CASES = {
     "too few micro-batches": (["--nproc", "2", "--plan", "pp=2,mb=1"], "parallel.plan"),
     "sequence parallel without tp": (["--plan", "sp=true"], "parallel.plan"),
     "model averaging with zero": (["--nproc", "2", "--plan", "dp=2,zero=3,avg_every=2"], "parallel.plan"),
+    "tp_comm timed under compile": (["--metrics.tp_comm", "true", "--model.compile", "true"], "metrics.tp_comm"),
     "unknown hardware": (["--parallel.hardware", "tpu-v9"], "parallel.hardware"),
     "hardware file missing": (["--parallel.hardware", "/nonexistent/hw.toml"], "parallel.hardware"),
     "negative seed": (["--seed", "-1"], "train.seed"),  # numpy's default_rng refuses it in every rank

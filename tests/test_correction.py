@@ -30,3 +30,9 @@ def test_it_is_fitted_on_the_first_steps_but_the_one_that_holds_step_1():
     assert [r["step"] for r in fitted_on(records(5))] == [10]
     assert [r["step"] for r in fitted_on(records(10))] == [10]
     assert fitted_on(records(1)[:STEPS - 1]) == []
+
+
+def test_tensor_parallel_traffic_measured_apart_is_a_group_of_its_own():
+    c = correct(PREDICTED, {**MEASURED, "forward": 2.0, "tp_comm": 0.5})
+    assert c.factors["compute"] == pytest.approx(3.0) and c.factors["tp_comm"] == pytest.approx(0.5)
+    assert c.breakdown["compute"] == pytest.approx(3.0) and c.breakdown["tp_comm"] == pytest.approx(0.5)

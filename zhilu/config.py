@@ -111,6 +111,8 @@ class MetricsSection:
     prometheus: int = setting(0, "serve Prometheus metrics on this port while training runs; 0: none")
     host: str = setting("127.0.0.1", "address the Prometheus endpoint binds (0.0.0.0: every interface)")
     profile_step: int = setting(0, "trace this step with the PyTorch profiler on every rank, in <run>/profile; 0: none")
+    tp_comm: bool = setting(False, "time tensor-parallel traffic apart from forward and backward, on CPU (a dispatch "
+                                   "mode sees every operator: costs; see benchmarks/overhead.py --tp-comm)")
 
 
 @dataclass

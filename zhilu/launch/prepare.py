@@ -44,6 +44,9 @@ def prepare(cfg: JobConfig, spec: ModelSpec | None = None, dry_run: bool = False
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise ZhiluError("launch.device", "cuda was asked for but no CUDA device is visible; valid here: cpu or auto")
+    if cfg.metrics.tp_comm and (device != "cpu" or cfg.model.compile):
+        raise ZhiluError("metrics.tp_comm", "times the waits a CPU's clock sees, in eager mode; "
+                                            "valid with --device cpu and --model.compile false")
     if under_torchrun():
         world = int(os.environ["WORLD_SIZE"])
         local = int(os.environ.get("LOCAL_WORLD_SIZE", world))

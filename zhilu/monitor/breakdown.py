@@ -7,6 +7,10 @@ Each rank times its own steps with wall clocks:
 * ``backward``: the backward passes, less the two terms below;
 * ``recompute``: the blocks' forward that activation recomputation runs again inside the
   backward (timed by hooks on the blocks the checkpoint wrappers hold);
+* ``tp_comm``: under tensor parallelism on CPU, the time the forward and backward spend in the
+  tensor-parallel group's collectives and waiting for their results
+  (:mod:`zhilu.monitor.tp_traffic`); elsewhere that traffic stays inside ``forward`` and
+  ``backward``;
 * ``dp_comm_exposed``: under DDP each gradient bucket's all-reduce is launched as the bucket
   fills and runs beside the rest of the backward; this is what the backward still waits for
   after its last bucket is launched, the data-parallel communication nothing hid;
@@ -20,7 +24,7 @@ The step time of an interval is its wall time over the steps in it, and ``other`
 the other terms leave of it, so the terms sum to the step time: on every rank, and in the
 aggregate (each term's mean over the ranks, which sums to the mean of the ranks' step times,
 the job's step time), with each term's min, median and max beside it.
-Tensor-parallel traffic and FSDP's gathers and scatters run inside ``forward`` and ``backward``.
+FSDP's gathers and scatters run inside ``forward`` and ``backward``.
 
 Every logged step the ranks exchange their per-step means over the interval (one small
 all-gather), so rank 0 knows each rank's terms. A rank's own compute is the CPU time of its
@@ -36,6 +40,7 @@ not judged.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from collections.abc import Iterator
@@ -46,7 +51,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-TERMS = ("data", "forward", "backward", "recompute", "dp_comm_exposed", "pipeline", "optimizer", "other")
+from zhilu.monitor.tp_traffic import TensorParallelTraffic
+
+TERMS = ("data", "forward", "backward", "recompute", "tp_comm", "dp_comm_exposed", "pipeline", "optimizer", "other")
 COMPUTE = ("forward", "backward", "pipeline")
 STRAGGLER_RATIO = 1.15  # above the spread of an even run on a shared 2-core machine, below a 30% slow rank
 STRAGGLER_STEPS = 10
@@ -60,6 +67,8 @@ class StepClock:
         self.world_size = world_size
         self.names_stragglers = names_stragglers  # not on CUDA: a thread's CPU time is not a GPU's compute
         self.last_bucket: float | None = None  # when the last gradient bucket's all-reduce was launched
+        self._tp_at_bucket = 0.0  # tensor-parallel seconds timed by then
+        self._traffic: TensorParallelTraffic | None = None
         self._in_backward = False
         self._recomputed = 0.0  # seconds of recomputation in the current backward
         self._step = dict.fromkeys(TERMS, 0.0)
@@ -80,16 +89,33 @@ class StepClock:
         self._step = dict.fromkeys(TERMS, 0.0)
         self._step_cpu = 0.0
 
+    def watch_tensor_parallel(self, group_name: str, before_launch: Any = None) -> None:
+        """Time the collectives of the tensor-parallel group ``group_name`` as ``tp_comm`` (CPU
+        only; ``before_launch``: called as each is launched, see :class:`TensorParallelTraffic`)."""
+        self._traffic = TensorParallelTraffic(group_name, before_launch)
+
+    def _tp(self) -> float:
+        return self._traffic.seconds if self._traffic is not None else 0.0
+
+    @contextmanager
+    def _watching(self) -> Iterator[None]:
+        with self._traffic if self._traffic is not None else contextlib.nullcontext():
+            yield
+
     @contextmanager
     def term(self, name: str) -> Iterator[None]:
-        """Time a term; for ``pipeline``, less the stages' chunks timed inside it (:meth:`watch_stages`)."""
-        start, cpu = time.perf_counter(), time.thread_time()
+        """Time a term; for ``pipeline``, less the stages' chunks timed inside it (:meth:`watch_stages`);
+        for the compute terms, less the tensor-parallel traffic inside them."""
+        start, cpu, tp = time.perf_counter(), time.thread_time(), self._tp()
         chunks = self._step["forward"] + self._step["backward"]
         try:
-            yield
+            with self._watching() if name in COMPUTE else contextlib.nullcontext():
+                yield
         finally:
+            traffic = self._tp() - tp
             inside = self._step["forward"] + self._step["backward"] - chunks if name == "pipeline" else 0.0
-            self._step[name] += time.perf_counter() - start - inside
+            self._step[name] += time.perf_counter() - start - inside - traffic
+            self._step["tp_comm"] += traffic
             if name in COMPUTE:
                 self._step_cpu += time.thread_time() - cpu
 
@@ -102,11 +128,11 @@ class StepClock:
 
     def _timed(self, run: Any, name: str) -> Any:
         def timed(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
+            start, tp = time.perf_counter(), self._tp()
             try:
                 return run(*args, **kwargs)
-            finally:
-                self._step[name] += time.perf_counter() - start
+            finally:  # the traffic inside is counted by the pipeline term that holds the chunk
+                self._step[name] += time.perf_counter() - start - (self._tp() - tp)
 
         return timed
 
@@ -115,16 +141,19 @@ class StepClock:
         """Time a backward pass, splitting off what it waits for after its last bucket's all-reduce."""
         self.last_bucket = None
         self._in_backward, self._recomputed = True, 0.0
-        start, cpu = time.perf_counter(), time.thread_time()
+        start, cpu, tp = time.perf_counter(), time.thread_time(), self._tp()
         try:
-            yield
+            with self._watching():
+                yield
         finally:
-            end = time.perf_counter()
+            end, tp_end = time.perf_counter(), self._tp()
             self._in_backward = False
-            launched = self.last_bucket if self.last_bucket is not None and self.last_bucket >= start else end
+            launched, tp_launched = ((self.last_bucket, self._tp_at_bucket)
+                                     if self.last_bucket is not None and self.last_bucket >= start else (end, tp_end))
             self._step["recompute"] += self._recomputed  # a block is rebuilt before its gradients go out
-            self._step["backward"] += max(0.0, launched - start - self._recomputed)
-            self._step["dp_comm_exposed"] += end - launched
+            self._step["backward"] += max(0.0, launched - start - self._recomputed - (tp_launched - tp))
+            self._step["dp_comm_exposed"] += max(0.0, end - launched - (tp_end - tp_launched))
+            self._step["tp_comm"] += tp_end - tp
             self._step_cpu += time.thread_time() - cpu
 
     def watch_recompute(self, model: nn.Module) -> None:
@@ -132,15 +161,16 @@ class StepClock:
         runs during the backward."""
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 
-        started: list[float] = []
+        started: list[tuple[float, float]] = []
 
         def before(module: nn.Module, args: Any) -> None:
             if self._in_backward:
-                started.append(time.perf_counter())
+                started.append((time.perf_counter(), self._tp()))
 
         def after(module: nn.Module, args: Any, output: Any) -> None:
             if self._in_backward and started:
-                self._recomputed += time.perf_counter() - started.pop()
+                start, tp = started.pop()
+                self._recomputed += time.perf_counter() - start - (self._tp() - tp)
 
         for wrapper in model.modules():
             if isinstance(wrapper, CheckpointWrapper):
@@ -150,7 +180,7 @@ class StepClock:
                 wrapper._checkpoint_wrapped_module.register_forward_hook(after, always_call=True)
 
     def bucket_launched(self) -> None:
-        self.last_bucket = time.perf_counter()
+        self.last_bucket, self._tp_at_bucket = time.perf_counter(), self._tp()
 
     def end_step(self) -> None:
         """Count the step begun by :meth:`start_step` (a dropped step is followed by :meth:`reset` instead)."""

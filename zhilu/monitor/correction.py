@@ -2,13 +2,13 @@
 
 The performance model predicts a step before it runs (``predicted`` in metrics.jsonl); the step
 clock measures it (``breakdown``). The two split a step differently where a measurement cannot
-see a model term on its own: tensor-parallel traffic runs inside the forward and backward, and a
-pipeline stage sees its transfers and its bubble as one wait. :data:`GROUPS` pairs the model's
-terms with the measured ones; each group's factor (measured over predicted, over the first
-:data:`STEPS` steps but the first) re-fits the model's terms in it, and the corrected prediction
-is the predicted breakdown so re-fitted: what the rest of the run should take if the machine
-keeps the speed it showed. A term the model does not predict (the data wait) enters as measured.
-Pure Python.
+see a model term on its own: tensor-parallel traffic runs inside the forward and backward unless
+it is timed apart (``--metrics.tp_comm``), and a pipeline stage sees its transfers and its bubble
+as one wait. :data:`GROUPS` pairs the model's terms with the measured ones; each group's factor
+(measured over predicted, over the first :data:`STEPS` steps but the first) re-fits the model's
+terms in it, and the corrected prediction is the predicted breakdown so re-fitted: what the rest
+of the run should take if the machine keeps the speed it showed. A term the model does not
+predict (the data wait) enters as measured. Pure Python.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from typing import Any
 
 STEPS = 10  # the steps the correction is fitted on (the first left out: start-up, compilation)
 
-# group: (the model's terms, the measured terms)
+# group: (the model's terms, the measured terms); tensor-parallel traffic in the compute's
+# unless it was measured apart (:func:`groups`)
 GROUPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "compute": (("compute", "tp_comm"), ("forward", "backward")),
     "recompute": (("recompute",), ("recompute",)),
@@ -43,11 +44,18 @@ class Correction:
         return sum(self.breakdown.values())
 
 
+def groups(measured: dict[str, float]) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+    """:data:`GROUPS`, with tensor-parallel traffic a group of its own where it was measured apart."""
+    if "tp_comm" not in measured:
+        return GROUPS
+    return {**GROUPS, "compute": (("compute",), ("forward", "backward")), "tp_comm": (("tp_comm",), ("tp_comm",))}
+
+
 def correct(predicted: dict[str, float], measured: dict[str, float]) -> Correction:
     """Re-fit each group of ``predicted`` terms to the ``measured`` seconds of its group."""
     factors: dict[str, float | None] = {}
     breakdown: dict[str, float] = {}
-    for group, (model_terms, measured_terms) in GROUPS.items():
+    for group, (model_terms, measured_terms) in groups(measured).items():
         model_s = sum(predicted.get(t, 0.0) for t in model_terms)
         measured_s = sum(measured.get(t, 0.0) for t in measured_terms)
         if model_s > 0:

@@ -11,7 +11,8 @@
     kill:rank=1:step=5:attempt=1  ... on the job's second attempt (its first restart)
     delay:term=data:ms=40:step=6  rank 0 sleeps 40 ms in each step's data term from step 6 on
                                   (terms: data, optimizer, dp_comm: as each gradient all-reduce
-                                  completes; pipeline: busy before each micro-batch's forward)
+                                  completes; tp_comm: before the step's first tensor-parallel
+                                  collective; pipeline: busy before each micro-batch's forward)
     slow:rank=1:percent=30        rank 1 spins for 30% more CPU time in each forward and backward
 
 A fault fires on the job's first attempt only (``attempt=0``; a restarted job runs clean)
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
 ENV = "ZHILU_FAULTS"
 KINDS = ("kill", "stop", "nan", "fail", "flip", "delay", "slow")
 KEYS = ("rank", "step", "save", "write", "batch", "attempt", "ms", "percent")
-DELAYED = ("data", "optimizer", "dp_comm", "pipeline")
+DELAYED = ("data", "optimizer", "dp_comm", "tp_comm", "pipeline")
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,20 @@ class Faults:
         if not any(f.kind == "delay" and f.term == "dp_comm" for f in self.faults):
             return None
         return lambda: self.sleep("dp_comm", step())
+
+    def tp_delay(self, step: Callable[[], int]) -> Callable[[], None] | None:
+        """What to call as each tensor-parallel collective is launched: sleep for the ``tp_comm``
+        delay of step ``step()`` before the first of that step's; None when no fault delays it."""
+        if not any(f.kind == "delay" and f.term == "tp_comm" for f in self.faults):
+            return None
+        delayed: set[int] = set()
+
+        def before_launch() -> None:
+            if (now := step()) not in delayed:
+                delayed.add(now)
+                self.sleep("tp_comm", now)
+
+        return before_launch
 
     def delay_stages(self, parts: list[nn.Module], step: Callable[[], int]) -> None:
         """Before each forward of a pipeline stage, wait out the ``pipeline`` delay of step ``step()``."""

@@ -110,6 +110,8 @@ class Trainer:
         self.clock = StepClock(env.world_size, names_stragglers=self.device.type == "cpu")
         self._backward_cpu = 0.0  # CPU seconds of the last backward (a slow-rank fault adds a share of it)
         self.clock.watch_recompute(self.parts[0])
+        if cfg.metrics.tp_comm and plan.tp > 1:
+            self.clock.watch_tensor_parallel(env.group("tp").group_name, self.faults.tp_delay(lambda: self.step + 1))
         if self.pm.pipeline is None:  # the clock learns when DDP launches each gradient bucket's all-reduce
             on_bucket_launch(self.parts[0], self.clock.bucket_launched, self.faults.comm_delay(lambda: self.step + 1))
         else:
@@ -126,8 +128,7 @@ class Trainer:
                  "versions": {"zhilu": zhilu.__version__, "torch": torch.__version__}}
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep, cfg.checkpoint.async_, about, self.faults)
         self.bad = BadSteps(t.on_bad_step, t.bad_steps_in_a_row)
-        self.step = self.saved_step = 0
-        self.stop_asked = False  # pre-emption (SIGUSR1): checkpoint at the next step and stop
+        self.step, self.saved_step, self.stop_asked = 0, 0, False  # stop_asked: by SIGUSR1, save and stop
         with contextlib.suppress(ValueError):  # not the main thread: no pre-emption signal
             signal.signal(signal.SIGUSR1, lambda signum, frame: setattr(self, "stop_asked", True))
         if cfg.checkpoint.resume or self.attempt > 0:
@@ -240,11 +241,10 @@ class Trainer:
         progress.print(f"data: {self.data.description}")
         if self.prediction is not None:
             progress.print(predict.describe(self.prediction, self.cfg.parallel.hardware))
-        wall_start = time.perf_counter()
+        self.wall_start = wall_start = time.perf_counter()
         last_loss: float | None = None
         val_loss: float | None = None
         ended, error = "finished", None
-        self.wall_start = wall_start
         self.clock.reset()
         while self.step < t.steps:
             self.faults.at_step(self.step + 1)
