@@ -35,7 +35,7 @@ from zhilu.perf.flops import Transformer  # noqa: E402
 from zhilu.perf.memory import GIB  # noqa: E402
 from zhilu.perf.search import search  # noqa: E402
 from zhilu.perf.software import Software, stack  # noqa: E402
-from zhilu.perf.step import StepModel  # noqa: E402
+from zhilu.perf.step import Estimate, StepModel  # noqa: E402
 from zhilu.plan import Plan  # noqa: E402
 
 DEFAULT_DIR = Path(__file__).resolve().parent / "published"  # a copy of the project's shared/published
@@ -83,6 +83,17 @@ def llama(name: str, seq: int) -> Transformer:
                                  vocab_size=vocab, max_seq_len=seq), seq)
 
 
+@dataclass(frozen=True)
+class Case:
+    """What a run's prediction was made for, and the prediction of its plan."""
+
+    model: Transformer
+    cluster: hardware.Cluster
+    global_batch: int
+    software: Software
+    estimate: Estimate
+
+
 @dataclass
 class Row:
     """One published run: predicted against published step time (or memory), or why it is not modelled."""
@@ -92,6 +103,7 @@ class Row:
     published: float
     predicted: float | None = None
     regime: str = ""  # zhilu.perf.confidence.regime of the plan predicted
+    case: Case | None = None
     note: str = ""
 
     @property
@@ -105,13 +117,13 @@ def read(path: Path) -> list[dict[str, str]]:
 
 
 def predict(model: Transformer, hw: hardware.Cluster, global_batch: int, software: Software,
-            require_fit: bool = True, **plan) -> tuple[float, str]:
-    """Step time of a plan (``micro_batch``: sequences per micro-batch) and its regime
-    (:func:`zhilu.perf.confidence.regime`); fields the source leaves open are searched among
-    the plans that fit, a plan given whole is evaluated as it is."""
+            require_fit: bool = True, **plan) -> tuple[float, str, Case]:
+    """Step time of a plan (``micro_batch``: sequences per micro-batch), its regime
+    (:func:`zhilu.perf.confidence.regime`) and its case; fields the source leaves open are
+    searched among the plans that fit, a plan given whole is evaluated as it is."""
     best = search(model, hw, global_batch, fixed={"precision": "bf16", **plan}, software=software, top=1,
                   require_fit=require_fit)[0]
-    return best.step_time_s, regime(best.plan, software.name)
+    return best.step_time_s, regime(best.plan, software.name), Case(model, hw, global_batch, software, best)
 
 
 def step_rows(root: Path) -> list[Row]:
@@ -300,7 +312,7 @@ def bloom_rows(root: Path) -> tuple[list[Row], list[Row], list[Fit]]:
         estimate = StepModel(model, JEAN_ZAY.sized(gpus), batch, sw).evaluate(plan)
         if published_s:
             steps.append(Row("BLOOM-176B sweep", label, published_s, estimate.step_time_s,
-                             regime(plan, sw.name)))
+                             regime(plan, sw.name), Case(model, JEAN_ZAY.sized(gpus), batch, sw, estimate)))
         if published_gib:
             memory.append(Row("BLOOM-176B sweep", label, published_gib, estimate.memory_gib_per_device))
         if published_s or oom:

@@ -87,3 +87,22 @@ def test_nemo_gpt3_scaling_errors_do_not_regress():
     rows = published.nemo_rows(published.DEFAULT_DIR)
     med, worst, n = published.summary(rows)
     assert n == 11 and med <= 0.198 and worst <= 0.301, f"median {med:.1%}, max {worst:.1%}"
+
+
+def test_the_search_never_picks_slower_than_a_published_plan_that_fits():
+    """benchmarks/largest_runs.py: the ten largest runs by GPU count, and for each the search's
+    own pick for the same job, which is exhaustive over the plans the stack can run."""
+    spec = importlib.util.spec_from_file_location("largest_runs", ROOT / "benchmarks" / "largest_runs.py")
+    largest_runs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(largest_runs)
+    root = published.DEFAULT_DIR
+    rows = largest_runs.largest(largest_runs.modelled(root), 10)
+    gpus = [r.case.cluster.devices for r in rows]
+    assert len(rows) == 10 and gpus == sorted(gpus, reverse=True) and gpus[0] == 16384
+    for r in rows:
+        c = r.case
+        pick = largest_runs.search(c.model, c.cluster, c.global_batch, fixed={"precision": "bf16"},
+                                   software=c.software, top=1)[0]
+        assert pick.fits
+        if c.estimate.fits:
+            assert pick.step_time_s <= c.estimate.step_time_s * (1 + 1e-9), (r.label, pick.plan_spec())

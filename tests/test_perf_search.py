@@ -8,6 +8,7 @@ from zhilu.hardware import PRESETS
 from zhilu.models.presets import GPTConfig, preset
 from zhilu.perf.flops import Transformer
 from zhilu.perf.search import best_plan, divisors, search
+from zhilu.perf.software import stack
 from zhilu.perf.step import StepModel
 from zhilu.plan import Plan as TrainPlan
 
@@ -153,3 +154,29 @@ def test_mfu_is_model_flops_over_the_peak_and_never_above_one():
             assert 0 < e.mfu <= 1
             assert e.mfu == pytest.approx(mfu(model.model_flops_per_token, e.tokens_per_s, devices, e.peak_tflops))
             assert e.peak_tflops == PRESETS[hw].device.peak_tflops[e.plan.precision]
+
+
+def test_a_tensor_parallel_group_never_straddles_two_nodes():
+    """tp is the innermost mesh dimension: on 8-GPU nodes a group of 6 would span two nodes, which
+    the model would time at NVLink speed."""
+    found = search(Transformer(GPTConfig(n_layers=24, hidden=3072, n_heads=24, ffn_hidden=12288, vocab_size=51200,
+                                         max_seq_len=2048), 2048), PRESETS["h100-sxm"].sized(48), 96, top=10_000)
+    assert {e.plan.tp for e in found} <= {1, 2, 4, 8}
+    with pytest.raises(ZhiluError) as e:
+        search(LLAMA, PRESETS["h100-sxm"].sized(48), 96, fixed={"tp": 6})
+    assert e.value.field == "tp" and "node" in e.value.message
+
+
+def test_a_stack_is_offered_only_what_it_can_run():
+    """Megatron-LM of 2020 had no sequence parallelism, interleaved schedule, selective recompute
+    or distributed optimizer; Megatron-DeepSpeed's pipeline refuses ZeRO-2/3."""
+    old = search(ONE_T, PRESETS["a100-80gb"].sized(512), 512, software=stack("megatron-lm-2020"), top=10_000)
+    assert old and all(not e.plan.sp and e.plan.schedule != "interleaved" and e.plan.recompute != "selective"
+                       and e.plan.zero == 0 for e in old)
+    ds = search(ONE_T, PRESETS["a100-80gb"].sized(512), 512, software=stack("deepspeed"), top=10_000)
+    assert all(e.plan.zero <= 1 for e in ds if e.plan.pp > 1) and any(e.plan.pp > 1 for e in ds)
+    for fixed, field in (({"sp": True, "tp": 8}, "sp"), ({"recompute": "selective"}, "recompute"),
+                         ({"zero": 1, "dp": 512, "tp": 1, "pp": 1}, "zero")):
+        with pytest.raises(ZhiluError) as e:
+            search(ONE_T, PRESETS["a100-80gb"].sized(512), 512, software=stack("megatron-lm-2020"), fixed=fixed)
+        assert e.value.field == field and "megatron-lm-2020" in e.value.message

@@ -1,9 +1,9 @@
 """Search every valid plan and rank those that fit by predicted step time.
 
 Valid plans (:class:`zhilu.plan.Plan`'s rules, and the hardware's): ``dp * tp * pp`` = the
-devices; ``tp`` inside a node and dividing the heads, kv-heads and ffn size; ``pp`` up to the
-layers; micro-batch sizes dividing the sequences of a replica, with at least ``pp``
-micro-batches under a pipeline; ZeRO 0-3 when ``dp > 1``; 1F1B, or interleaved with ``v``
+devices; ``tp`` dividing a node's devices (each group inside one node), the heads, kv-heads and
+ffn size; ``pp`` up to the layers; micro-batch sizes dividing the sequences of a replica, with
+at least ``pp`` micro-batches under a pipeline; ZeRO 0-3 when ``dp > 1``; 1F1B, or interleaved with ``v``
 virtual stages (``v`` divides the layers of a full stage; micro-batches a multiple of ``pp``,
 as Megatron-LM and PyTorch require); recompute none/selective/full. Software that cannot
 split a tied embedding over stages (zhilu's) gets no pipeline for a tied model; one that
@@ -66,6 +66,7 @@ def search(model: Transformer, cluster: Cluster, global_batch: int, *, fixed: di
     if fixed.get("precision") in (None, "auto"):
         fixed["precision"] = default_precision(cluster)
     steps = StepModel(model, cluster, global_batch, software)
+    _check_stack(software, fixed)
     if _complete(fixed):
         return [steps.evaluate(_whole(fixed, global_batch))]
     if "dp" in fixed or "tp" in fixed or "pp" in fixed:
@@ -139,9 +140,22 @@ def _whole(fixed: dict[str, Any], global_batch: int) -> Plan:
     return Plan(**values)
 
 
+def _check_stack(sw: Software, fixed: dict[str, Any]) -> None:
+    """A readable error for a pinned field the software stack cannot run."""
+    pp, recompute = fixed.get("pp", 1), fixed.get("recompute", "none")
+    beyond = {"sp": fixed.get("sp") and not sw.sequence_parallel and "sequence parallelism",
+              "schedule": fixed.get("schedule") == "interleaved" and not sw.interleaved and "the interleaved schedule",
+              "recompute": recompute not in sw.recomputes and f"recompute={recompute}",
+              "zero": fixed.get("zero", 0) > min(sw.max_zero, sw.pipeline_max_zero if pp > 1 else 3)
+              and f"ZeRO-{fixed.get('zero')}" + (" beside a pipeline" if pp > 1 else "")}
+    for name, what in beyond.items():
+        if what:
+            raise ZhiluError(name, f"the {sw.name} stack cannot run {what}")
+
+
 def _check_degrees(steps: StepModel, fixed: dict[str, Any]) -> None:
     """Readable errors for pinned degrees that cannot work, before searching the rest: they must
-    divide the devices, ``tp`` fit in a node, and the plan's own rules hold for them."""
+    divide the devices, ``tp`` a node's devices, and the plan's own rules hold for them."""
     c = steps.cluster
     for name in ("dp", "tp", "pp"):
         v = fixed.get(name)
@@ -150,8 +164,8 @@ def _check_degrees(steps: StepModel, fixed: dict[str, Any]) -> None:
         if v is not None and c.devices % v:
             raise ZhiluError(name, f"{name}={v} must divide the {c.devices} devices")
     tp = fixed.get("tp", 1)
-    if tp > c.devices_per_node:
-        raise ZhiluError("tp", f"tp={tp} must fit in a node of {c.devices_per_node} devices")
+    if c.devices_per_node % tp:
+        raise ZhiluError("tp", f"tp={tp} must divide a node's {c.devices_per_node} devices (each group inside a node)")
     product = 1
     for name in ("dp", "tp", "pp"):
         product *= fixed.get(name, 1)
@@ -174,26 +188,27 @@ def _candidates(steps: StepModel, fixed: dict[str, Any]) -> Iterator[list[Plan]]
         return ([fixed[name]] if fixed[name] in values else []) if name in fixed else values
 
     precision = fixed["precision"]
-    recomputes = allowed("recompute", list(RECOMPUTE))
-    tps = [t for t in divisors(n) if t <= c.devices_per_node and not m.heads % t and not m.kv_heads % t
+    recomputes = allowed("recompute", [r for r in RECOMPUTE if r in sw.recomputes])
+    tps = [t for t in divisors(n) if not c.devices_per_node % t and not m.heads % t and not m.kv_heads % t
            and not m.ffn % t]
     pps = [p for p in divisors(n) if p <= m.layers and (sw.stage_split != "even" or not m.layers % p)
            and (p == 1 or sw.ties_across_stages or not m.tied)]
     for tp in allowed("tp", tps):
-        sp = tp > 1 and fixed.get("sp", True)
+        sp = tp > 1 and fixed.get("sp", sw.sequence_parallel)
         for pp in allowed("pp", [p for p in pps if not (n // tp) % p]):
             dp = n // (tp * pp)
             if batch % dp or fixed.get("dp", dp) != dp:
                 continue
             per_replica = batch // dp
-            zeros = allowed("zero", [0, 1, 2, 3] if dp > 1 else [0])
+            top = min(sw.max_zero, sw.pipeline_max_zero if pp > 1 else 3) if dp > 1 else 0
+            zeros = allowed("zero", list(range(top + 1)))
             for b in allowed("micro_batch", divisors(per_replica)):
                 micro_batches = per_replica // b
                 if fixed.get("mb", micro_batches) != micro_batches or (pp > 1 and micro_batches < pp):
                     continue
                 pinned = fixed.get("schedule")
                 schedules = [("gpipe" if pinned == "gpipe" else "1f1b", 1)]
-                if pp > 1 and pinned != "gpipe" and not micro_batches % pp:
+                if pp > 1 and pinned != "gpipe" and sw.interleaved and not micro_batches % pp:
                     full_stage = -(-m.layers // pp)
                     schedules += [("interleaved", v) for v in divisors(full_stage) if 2 <= v and pp * v <= m.layers]
                 for schedule, v in schedules:

@@ -78,6 +78,14 @@ class Software:
     # A tied output layer may sit on another pipeline stage than the embedding (Megatron-LM keeps
     # a copy there and all-reduces the two gradients); zhilu's runtime refuses such a plan.
     ties_across_stages: bool = True
+    # What the stack can run at all (the search offers nothing else, and refuses it pinned): the
+    # highest ZeRO stage, and beside pipeline parallelism; sequence parallelism; the interleaved
+    # schedule; the recompute modes.
+    max_zero: int = 3
+    pipeline_max_zero: int = 3
+    sequence_parallel: bool = True
+    interleaved: bool = True
+    recomputes: tuple[str, ...] = ("none", "selective", "full")
 
 
 # zhilu's own runtime: eager PyTorch, SDPA flash attention, DDP buckets and FSDP2 prefetch
@@ -87,27 +95,36 @@ ZHILU = Software("zhilu", selective="elementwise", torch_pipelining=True, ties_a
 
 # Megatron-LM 2020 (Shoeybi et al.): fused kernels (scale-mask-softmax, bias-GeLU, Apex layer
 # norm), explicit attention with dropout, fp16 gradients all-reduced after backward by its
-# "local" DDP (--DDP-impl local, the default then: no overlap).
+# "local" DDP (--DDP-impl local, the default then: no overlap). It had none of what came later:
+# the interleaved schedule (Narayanan et al. 2021), sequence parallelism and selective recompute
+# (Korthikanti et al. 2022), the distributed optimizer (ZeRO-1, 2022); activation checkpointing
+# was whole layers.
 MEGATRON_2020 = Software("megatron-lm-2020", fused_kernels=True, flash_attention=False, dp_overlap=False,
-                         grad_reduce_bytes=2, p2p_scatter_gather=True, fused_projections=True, stage_split="even")
+                         grad_reduce_bytes=2, p2p_scatter_gather=True, fused_projections=True, stage_split="even",
+                         max_zero=0, sequence_parallel=False, interleaved=False, recomputes=("none", "full"))
 # Megatron-LM 2022 (Korthikanti et al.): the same kernels, fp32 gradient accumulation, blocking
 # pipeline transfers that send 1/tp of an activation and all-gather it over NVLink (its default
-# scatter-gather optimisation).
+# scatter-gather optimisation). Its optimizer shards at most the optimizer state (the
+# distributed optimizer, ZeRO-1); Megatron has no ZeRO-2/3.
 MEGATRON_2022 = Software("megatron-lm-2022", fused_kernels=True, flash_attention=False, dp_overlap=False,
-                         p2p_scatter_gather=True, fused_projections=True, stage_split="even")
+                         p2p_scatter_gather=True, fused_projections=True, stage_split="even", max_zero=1)
 # Megatron-Core r0.8 (2024): Transformer Engine kernels and fused attention, and "DP/TP/PP
 # communication overlap on" (its README). Its DistributedDataParallel groups gradients in buckets of
 # max(40M, 1M x dp) parameters (megatron/core/distributed/distributed_data_parallel.py, bucket_size).
 MEGATRON_CORE = Software("megatron", fused_kernels=True, tp_overlap=True, pp_overlap=True, fused_projections=True,
-                         bucket_params=40_000_000, bucket_params_per_dp=1_000_000, stage_split="even")
+                         bucket_params=40_000_000, bucket_params_per_dp=1_000_000, stage_split="even", max_zero=1)
 # Megatron-DeepSpeed (BigScience's fork, 2022, which trained BLOOM): Megatron-LM's fused kernels
 # and explicit attention, DeepSpeed's PipelineEngine (1F1B, blocking transfers of whole activations)
 # and ZeRO-1 over data parallelism, fp16 gradients all-reduced once the last micro-batch is done
 # (PipelineEngine's ReduceGrads instruction ends the schedule: no overlap). Its stages hold
 # ceil(layers / stages) transformer layers at most, as both its "uniform" and its
-# "type:transformer" partition methods give for equal layers; taken as the uniform split.
+# "type:transformer" partition methods give for equal layers; taken as the uniform split. Its
+# PipelineEngine refuses ZeRO-2/3 (runtime/pipe/engine.py asserts a stage below gradient
+# partitioning); the fork had neither Megatron's sequence parallelism nor an interleaved
+# schedule, and checkpointed whole layers.
 DEEPSPEED = Software("deepspeed", fused_kernels=True, flash_attention=False, dp_overlap=False, grad_reduce_bytes=2,
-                     fused_projections=True, stage_split="balanced")
+                     fused_projections=True, stage_split="balanced", pipeline_max_zero=1, sequence_parallel=False,
+                     interleaved=False, recomputes=("none", "full"))
 # PyTorch FSDP2 in eager mode, as a user's own loop runs it: SDPA flash attention, prefetch under
 # compute, gradients reduced in fp32, PyTorch's default (foreach) AdamW, one FSDP unit a layer.
 FSDP = Software("fsdp", foreach_adamw=True)

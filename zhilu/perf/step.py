@@ -116,8 +116,9 @@ class StepModel:
         if plan.precision not in PRECISIONS:
             raise ZhiluError("precision", f"{plan.precision!r} must be resolved for the device first "
                                           f"(Plan.resolved); valid: {', '.join(PRECISIONS)}")
-        if plan.tp > c.devices_per_node:
-            raise ZhiluError("tp", f"tp={plan.tp} must fit in a node of {c.devices_per_node} devices")
+        if c.devices_per_node % plan.tp:  # tp innermost: a group that does not divide a node straddles two
+            raise ZhiluError("tp", f"tp={plan.tp} must divide a node's {c.devices_per_node} devices "
+                                   "(each group inside a node)")
         if plan.pp > 1:
             rank_groups(self.model.layers, plan.pp, plan.stages_per_rank, self.software.stage_split)
 
